@@ -1,0 +1,35 @@
+"""Attacks on what the adversary observes: a registry of attack classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from gradaudit.attacks.base import Attack
+from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
+from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
+from gradaudit.registry import Registry
+
+ATTACKS: Registry[Callable[[BaseModel], Attack]] = Registry("attack")
+
+ATTACKS.register(
+    "label_recovery",
+    summary="labels of the target's examples: iDLG at batch 1, counts with repeats above "
+    "(bias gradient, LLG*)",
+    params=LabelRecoveryParams,
+)(LabelRecoveryAttack)
+ATTACKS.register(
+    "inverting_gradients",
+    summary="image reconstruction by cosine gradient matching + TV (Geiping et al. 2020)",
+    params=InvertingGradientsParams,
+)(InvertingGradientsAttack)
+
+
+def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:
+    """Validate `params` and construct the attack registered as `kind`."""
+    spec = ATTACKS.parse_params(kind, params, where=where)
+    return ATTACKS.get(kind)(spec)
+
+
+__all__ = ["ATTACKS", "Attack", "build_attack"]

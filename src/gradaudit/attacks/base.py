@@ -1,0 +1,94 @@
+"""What every attack implements, and the helpers attacks share."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from gradaudit.types import AttackResult, ClientUpdate, Observation
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` during long attacks."""
+
+
+@runtime_checkable
+class Attack(Protocol):
+    """An adversary's algorithm: it gets an Observation (and the architecture) and nothing else."""
+
+    name: ClassVar[str]
+
+    def applicable(self, obs: Observation) -> str | None:
+        """None when the attack can run on `obs`, else the reason it cannot."""
+        ...
+
+    def run(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Attack the observation. `model` is the architecture; its weights are not meaningful."""
+        ...
+
+
+def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+    """The target client's individual update, or the reason the adversary does not have it."""
+    update = obs.update_of(obs.target_client)
+    if update is not None:
+        return update, None
+    if obs.aggregate is not None and not obs.updates:
+        return None, "the server sees only the aggregate of the clients' updates"
+    return None, f"client {obs.target_client} sent no update in round {obs.round}"
+
+
+def gradient_estimate(update: ClientUpdate, obs: Observation) -> tuple[dict[str, Tensor], str]:
+    """A gradient-like view of the update: the gradient itself, or the negated FedAvg delta.
+
+    A FedAvg delta after several local steps is only approximately a multiple of one gradient;
+    cosine-based attacks are invariant to the scale, so ``-delta`` is used as is. When the
+    adversary knows the local hyperparameters the delta is rescaled by ``1 / (lr * steps)`` so
+    magnitude-based methods (label counts) stay calibrated.
+
+    Returns:
+        The tensors and a short description of how they were obtained.
+    """
+    if update.kind == "gradient":
+        return dict(update.tensors), "the client's gradient"
+    hyper = obs.side_info.get("local_hyperparameters")
+    scale = 1.0
+    how = "the negated FedAvg model change (one-step approximation)"
+    if isinstance(hyper, dict) and hyper.get("lr") and hyper.get("num_steps"):
+        scale = 1.0 / (float(hyper["lr"]) * float(hyper["num_steps"]))
+        how += ", rescaled by 1/(lr*steps)"
+    return {k: -v * scale for k, v in update.tensors.items()}, how
+
+
+def attacker_model(model: nn.Module, obs: Observation) -> nn.Module:
+    """A private copy of the architecture holding the global model the server sent."""
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(obs.global_params)
+    for p in copy_.parameters():
+        p.requires_grad_(True)
+    return copy_
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last nn.Linear of the model (its classification head) and its module name."""
+    found: tuple[str, nn.Linear] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    if found is None:
+        raise ValueError("the model has no nn.Linear classification head")
+    return found
+
+
+def not_applicable(name: str, obs: Observation, reason: str) -> AttackResult:
+    """The result of an attack that could not run on this observation."""
+    return AttackResult(name, obs.round, obs.target_client, "not_applicable", reason=reason)

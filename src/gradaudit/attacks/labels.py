@@ -1,0 +1,230 @@
+"""Label recovery from a client's update: exact at batch 1 (iDLG) and label counts in a batch."""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from gradaudit.attacks.base import (
+    ProgressFn,
+    attacker_model,
+    classifier_head,
+    gradient_estimate,
+    not_applicable,
+    target_update,
+)
+from gradaudit.types import AttackResult, Observation, Reconstruction, TaskInfo
+
+LabelMethod = Literal["auto", "idlg", "bias", "llg"]
+
+
+def idlg_label(weight_grad: Tensor, bias_grad: Tensor | None) -> int:
+    """The label of a single example from the gradient of the last layer (iDLG).
+
+    For softmax cross-entropy, the bias gradient is ``p - onehot(y)``, negative only at the
+    true class; the weight gradient's rows are that times the (non-negative, after ReLU or
+    sigmoid) features, so the row with a negative sum marks the label when there is no bias.
+
+    Zhao, Mopuri & Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv:2001.02610, 2020.
+
+    Example:
+        >>> idlg_label(torch.tensor([[0.1, 0.2], [-0.3, -0.1], [0.2, 0.0]]), None)
+        1
+    """
+    if bias_grad is not None:
+        return int(torch.argmin(bias_grad))
+    return int(torch.argmin(weight_grad.sum(dim=1)))
+
+
+def round_counts(raw: np.ndarray, total: int) -> np.ndarray:
+    """Non-negative integer counts summing to `total`, each step going where most is missing.
+
+    Example:
+        >>> round_counts(np.array([1.4, 0.3, 2.3]), 4).tolist()
+        [2, 0, 2]
+        >>> round_counts(np.array([-0.2, 3.9]), 4).tolist()
+        [0, 4]
+    """
+    raw = np.clip(np.asarray(raw, dtype=np.float64), 0.0, None)
+    counts = np.zeros(raw.size, dtype=np.int64)
+    for _ in range(total):
+        counts[int(np.argmax(raw - counts))] += 1
+    return counts
+
+
+def bias_label_counts(bias_grad: Tensor, mean_probs: Tensor, batch_size: int) -> np.ndarray:
+    """Label counts from the classifier bias gradient of a mean-reduced cross-entropy.
+
+    ``grad_b[c] = mean_i p_ic - n_c / B``, so ``n_c = B * (mean p_c - grad_b[c])`` with the mean
+    softmax estimated from dummy inputs (the model is known to the server).
+
+    Geng et al., "Towards General Deep Leakage in Federated Learning", arXiv:2110.09074, 2021;
+    the same idea underlies LLG (Wainakh et al., PoPETs 2022).
+    """
+    raw = batch_size * (mean_probs.double() - bias_grad.double())
+    return round_counts(raw.numpy(), batch_size)
+
+
+def llg_label_counts(
+    weight_grad: Tensor, mean_probs: Tensor, mean_feature_sum: float, batch_size: int
+) -> np.ndarray:
+    """Label counts from the classifier weight gradient when the head has no bias (LLG*).
+
+    Each row sums to ``mean_i (p_ic - y_ic) s_i`` with ``s_i`` the example's feature sum;
+    replacing ``s_i`` by its mean over dummy inputs gives ``n_c = B (p_c - row_c / s)``.
+
+    Wainakh et al., "User-Level Label Leakage from Gradients in Federated Learning", PoPETs 2022.
+    """
+    rows = weight_grad.double().sum(dim=1)
+    raw = batch_size * (mean_probs.double() - rows / max(mean_feature_sum, 1e-12))
+    return round_counts(raw.numpy(), batch_size)
+
+
+def dummy_inputs(task: TaskInfo, count: int, rng: torch.Generator) -> Tensor:
+    """Inputs an adversary can make without data: uniform pixels, or standard-normal rows."""
+    if task.modality == "image" and task.normalization is not None:
+        pixels = torch.rand((count, *task.input_shape), generator=rng)
+        return task.normalization.normalize(pixels)
+    x = torch.randn((count, *task.input_shape), generator=rng)
+    if task.tabular is not None:
+        first_cat = len(task.tabular.numeric)
+        for j, card in enumerate(task.tabular.cardinalities):
+            x[:, first_cat + j] = torch.randint(card, (count,), generator=rng).float()
+    return x
+
+
+@torch.no_grad()
+def output_statistics(
+    model: nn.Module, task: TaskInfo, rng: torch.Generator, *, samples: int = 256
+) -> tuple[Tensor, float]:
+    """Mean softmax and mean feature-sum entering the head, over dummy inputs."""
+    _, head = classifier_head(model)
+    seen: list[Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        probs = torch.softmax(model(dummy_inputs(task, samples, rng)), dim=1)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return probs.mean(dim=0), float(seen[0].sum(dim=1).mean())
+
+
+def recover_labels(
+    obs: Observation,
+    model: nn.Module,
+    *,
+    count: int,
+    method: LabelMethod = "auto",
+    rng: torch.Generator,
+    samples: int = 256,
+) -> tuple[Tensor, str]:
+    """Recover the multiset of `count` labels behind the target's update.
+
+    Returns:
+        The labels, sorted, and the name of the method used.
+    """
+    update, reason = target_update(obs)
+    if update is None:
+        raise ValueError(reason)
+    grads, _ = gradient_estimate(update, obs)
+    attacker = attacker_model(model, obs)
+    head_name, head = classifier_head(attacker)
+    weight_grad = grads[f"{head_name}.weight"]
+    bias_grad = grads.get(f"{head_name}.bias") if head.bias is not None else None
+    if method == "auto":
+        method = "idlg" if count == 1 else ("bias" if bias_grad is not None else "llg")
+    if method == "idlg":
+        if count != 1:
+            raise ValueError("iDLG recovers the label of a single example; use bias or llg")
+        return torch.tensor([idlg_label(weight_grad, bias_grad)]), "idlg"
+    probs, feature_sum = output_statistics(attacker, obs.task, rng, samples=samples)
+    if method == "bias":
+        if bias_grad is None:
+            raise ValueError("the classifier head has no bias; use llg")
+        counts = bias_label_counts(bias_grad, probs, count)
+    else:
+        counts = llg_label_counts(weight_grad, probs, feature_sum, count)
+    labels = np.repeat(np.arange(counts.size), counts)
+    return torch.as_tensor(labels, dtype=torch.long), method
+
+
+class LabelRecoveryParams(BaseModel):
+    """Parameters of `label_recovery`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    method: LabelMethod = Field(
+        "auto", description="idlg at batch 1; bias (head bias gradient) or llg (weights) above"
+    )
+    dummy_samples: int = Field(256, ge=1, description="dummy inputs for the softmax estimate")
+
+
+class LabelRecoveryAttack:
+    """Recover the labels of the target client's examples from its update.
+
+    Batch 1: iDLG (Zhao et al. 2020), exact for softmax cross-entropy. Batches: label counts,
+    repeats included, from the classifier's bias gradient (Geng et al. 2021) or, without a bias,
+    its weight rows (LLG*, Wainakh et al. 2022), with the mean softmax estimated on dummy inputs.
+    Threat model: an honest-but-curious server that sees the individual update.
+    """
+
+    name: ClassVar[str] = "label_recovery"
+
+    def __init__(self, params: LabelRecoveryParams) -> None:
+        self.params = params
+
+    def applicable(self, obs: Observation) -> str | None:
+        """Needs the target's individual update and the architecture."""
+        update, reason = target_update(obs)
+        if update is None:
+            return reason
+        if not obs.side_info.get("architecture"):
+            return "the adversary does not know the model architecture"
+        if update.kind == "delta" and "local_hyperparameters" not in obs.side_info:
+            if self.params.method != "idlg" and update.num_examples > 1:
+                return (
+                    "counting labels from a FedAvg model change needs the local "
+                    "hyperparameters (grant 'local_hyperparameters' in threat.knows)"
+                )
+        return None
+
+    def run(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Recover the label multiset of the target's update."""
+        reason = self.applicable(obs)
+        if reason is not None:
+            return not_applicable(self.name, obs, reason)
+        started = time.perf_counter()
+        update, _ = target_update(obs)
+        assert update is not None
+        labels, method = recover_labels(
+            obs,
+            model,
+            count=update.num_examples,
+            method=self.params.method,
+            rng=rng,
+            samples=self.params.dummy_samples,
+        )
+        if progress is not None:
+            progress(1, 1)
+        return AttackResult(
+            self.name,
+            obs.round,
+            obs.target_client,
+            "ok",
+            reconstruction=Reconstruction(labels=labels),
+            seconds=time.perf_counter() - started,
+            details={"method": method, "count": update.num_examples},
+        )

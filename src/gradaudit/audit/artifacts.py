@@ -1,0 +1,82 @@
+"""Pictures an audit saves beside its report: true vs reconstructed images, utility curves."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from gradaudit.audit.io import atomic_write_bytes  # noqa: E402
+
+
+def _to_hwc(image: Tensor) -> np.ndarray:
+    array = image.detach().cpu().clamp(0, 1).numpy()
+    return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+
+
+def comparison_png(true: Tensor, reconstructed: Tensor, *, max_images: int = 16) -> bytes:
+    """A two-row PNG: the client's true images on top, the attacker's below (matched order)."""
+    n = min(int(true.shape[0]), max_images)
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.8, 2.9), squeeze=False)
+    gray = true.shape[1] == 1
+    for i in range(n):
+        for row, batch in enumerate((true, reconstructed)):
+            ax = axes[row][i]
+            ax.imshow(_to_hwc(batch[i]), cmap="gray" if gray else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("true", fontsize=9)
+    axes[1][0].set_ylabel("attacker", fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return _png(fig)
+
+
+def utility_png(accuracy: Sequence[float], *, initial: float | None = None) -> bytes:
+    """Test accuracy per round as a PNG line chart."""
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    rounds = list(range(1, len(accuracy) + 1))
+    xs, ys = rounds, list(accuracy)
+    if initial is not None:
+        xs, ys = [0, *rounds], [initial, *ys]
+    ax.plot(xs, ys, marker="o", color="#1f6feb")
+    ax.set_xlabel("round (0 = initial model)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def convergence_png(traces: dict[str, Sequence[Sequence[float]]]) -> bytes:
+    """Gradient-matching objective against seconds, one line per attack."""
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    for label, trace in traces.items():
+        if trace:
+            ax.plot([t[1] for t in trace], [t[2] for t in trace], label=label)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("gradient mismatch (1 - cos)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def save_png(path: Path, data: bytes) -> None:
+    """Write PNG bytes atomically."""
+    atomic_write_bytes(path, data)

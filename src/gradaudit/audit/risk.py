@@ -1,0 +1,65 @@
+"""Turn attack metrics into a plain risk level and findings a data owner can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+LEVELS = ("low", "medium", "high")
+
+IMAGE_HIGH_PSNR = 20.0
+"""dB at which reconstructions are typically recognisable (Geiping et al. 2020 report ~15–25)."""
+IMAGE_HIGH_SSIM = 0.5
+IMAGE_MEDIUM_PSNR = 15.0
+LABEL_LEAK = 0.9
+
+
+def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The overall risk level (the worst finding) and one sentence per finding.
+
+    Example:
+        >>> assess([{"attack": "label_recovery", "status": "ok", "client": 0, "round": 1,
+        ...          "metrics": {"label_accuracy": 1.0}}])["level"]
+        'medium'
+    """
+    level = 0
+    findings: list[str] = []
+    for item in attacks:
+        where = f"client {item['client']}, round {item['round']}"
+        if item["status"] == "not_applicable":
+            findings.append(f"{item['attack']} could not run ({where}): {item['reason']}.")
+            continue
+        if item["status"] == "failed":
+            findings.append(f"{item['attack']} failed ({where}): {item['reason']}")
+            continue
+        m = item["metrics"]
+        if "psnr" in m:
+            if m["psnr"] >= IMAGE_HIGH_PSNR or m.get("ssim", 0.0) >= IMAGE_HIGH_SSIM:
+                level = max(level, 2)
+                findings.append(
+                    f"{item['attack']} reconstructed the private images of {where} "
+                    f"recognisably (PSNR {m['psnr']:.1f} dB, SSIM {m.get('ssim', 0.0):.2f})."
+                )
+            elif m["psnr"] >= IMAGE_MEDIUM_PSNR:
+                level = max(level, 1)
+                findings.append(
+                    f"{item['attack']} recovered coarse structure of {where}'s images "
+                    f"(PSNR {m['psnr']:.1f} dB, SSIM {m.get('ssim', 0.0):.2f})."
+                )
+            else:
+                findings.append(
+                    f"{item['attack']} did not reconstruct {where}'s images recognisably "
+                    f"(PSNR {m['psnr']:.1f} dB, SSIM {m.get('ssim', 0.0):.2f})."
+                )
+        elif "label_accuracy" in m:
+            if m["label_accuracy"] >= LABEL_LEAK:
+                level = max(level, 1)
+                findings.append(
+                    f"{item['attack']} recovered {m['label_accuracy']:.0%} of the labels "
+                    f"(e.g. diagnoses) of {where}'s examples."
+                )
+            else:
+                findings.append(
+                    f"{item['attack']} recovered {m['label_accuracy']:.0%} of {where}'s labels."
+                )
+    return {"level": LEVELS[level], "findings": findings}

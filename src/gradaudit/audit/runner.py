@@ -1,0 +1,294 @@
+"""Run one scenario end to end: federation, observation, attacks, scoring, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradaudit
+from gradaudit.attacks import build_attack
+from gradaudit.attacks.base import Attack
+from gradaudit.audit import artifacts
+from gradaudit.audit.io import atomic_write_json, read_json
+from gradaudit.audit.risk import assess
+from gradaudit.audit.scoring import score_reconstruction
+from gradaudit.config import Scenario
+from gradaudit.data import load_dataset, partition_dataset, subsample
+from gradaudit.errors import GradauditError
+from gradaudit.federation import RoundRecord, run_federation
+from gradaudit.models import build_model
+from gradaudit.seeding import numpy_rng, torch_generator
+from gradaudit.threat import describe_threat, observe
+from gradaudit.types import AttackResult
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class AuditHooks:
+    """Callbacks through which a front end (the CLI) shows progress; all optional."""
+
+    on_stage: Any = None
+    on_round: Any = None
+    on_attack_progress: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage(self, text: str, total: int | None = None) -> None:
+        """A new stage of the audit begins."""
+        if self.on_stage:
+            self.on_stage(text, total)
+
+    def round_done(self, record: RoundRecord) -> None:
+        """One federated round finished."""
+        if self.on_round:
+            self.on_round(record)
+
+    def attack_progress(self, done: int, total: int) -> None:
+        """An attack advanced."""
+        if self.on_attack_progress:
+            self.on_attack_progress(done, total)
+
+
+def scenario_key(scenario: Scenario) -> str:
+    """A hash of the resolved scenario; cached partial results are reused only under the same key."""
+    text = json.dumps(scenario.to_dict(), sort_keys=True)
+    return hashlib.sha256(f"{SCHEMA_VERSION}:{gradaudit.__version__}:{text}".encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced the numbers."""
+    import numpy
+    import scipy
+    import sklearn
+
+    return {
+        "gradaudit": gradaudit.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def run_audit(
+    scenario: Scenario,
+    out_dir: Path,
+    *,
+    hooks: AuditHooks | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run `scenario`, write ``out_dir/report.json`` and ``out_dir/report.html``, return the report.
+
+    Finished attacks are cached under ``out_dir/.partial/<scenario key>/``; an interrupted run
+    of the same scenario reuses them (the federation is recomputed: it is seeded and cheap next to
+    the attacks).
+    """
+    hooks = hooks or AuditHooks()
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".partial" / scenario_key(scenario)
+    seed = scenario.seed
+
+    hooks.stage("loading data")
+    dataset = load_dataset(scenario.data.dataset, scenario.data.data_dir)
+    dataset = subsample(
+        dataset,
+        max_train=scenario.data.max_train_examples,
+        max_test=scenario.data.max_test_examples,
+        rng=numpy_rng(seed, "subsample"),
+    )
+    clients = partition_dataset(
+        scenario.data.partition.kind,
+        scenario.data.partition.params,
+        dataset.y_train.numpy(),
+        scenario.data.num_clients,
+        rng=numpy_rng(seed, "partition"),
+        groups=dataset.groups_train,
+    )
+    model = build_model(
+        scenario.model.kind,
+        scenario.model.params,
+        dataset.info,
+        generator=torch_generator(seed, "model"),
+    )
+
+    hooks.stage("federated training", scenario.federation.rounds)
+    target = scenario.threat.target
+    fed = run_federation(
+        model,
+        dataset,
+        clients,
+        scenario.federation,
+        seed=seed,
+        capture_rounds={target.round},
+        on_round=hooks.round_done,
+    )
+    capture = fed.captures[target.round]
+    obs = observe(scenario.threat, capture, scenario.federation, dataset.info, dataset.y_train)
+    plan = capture.plans.get(target.client)
+    true_idx = torch.as_tensor(plan.used) if plan is not None else torch.zeros(0, dtype=torch.long)
+    true_labels = dataset.y_train[true_idx]
+    norm = dataset.info.normalization
+    true_images = (
+        norm.denormalize(dataset.x_train[true_idx]).clamp(0, 1)
+        if norm is not None and dataset.info.modality == "image"
+        else None
+    )
+
+    attack_entries: list[dict[str, Any]] = []
+    for index, spec in enumerate(scenario.attacks):
+        cached = partial / f"attack_{index}.json"
+        if resume and cached.is_file():
+            entry = read_json(cached, what="cached attack result")
+            logger.info("attack %d (%s): reusing the finished result in %s", index, spec.kind, cached)
+            attack_entries.append(entry)
+            continue
+        attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
+        hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
+        result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
+        entry = _entry(result, index, out_dir, true_images, true_labels)
+        atomic_write_json(cached, entry)
+        attack_entries.append(entry)
+
+    accuracy = [r.test_accuracy for r in fed.rounds]
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "name": scenario.name,
+        "scenario": scenario.to_dict(),
+        "versions": versions(),
+        "threat": {
+            "description": describe_threat(scenario.threat),
+            "adversary": scenario.threat.adversary,
+            "behaviour": scenario.threat.behaviour,
+            "knows": list(scenario.threat.knows),
+            "target": {"round": target.round, "client": target.client},
+        },
+        "federation": {
+            "engine": fed.engine,
+            "num_clients": scenario.data.num_clients,
+            "client_sizes": [int(len(c)) for c in clients],
+            "rounds": [
+                {
+                    "round": r.round,
+                    "sampled": list(r.sampled),
+                    "dropped": list(r.dropped),
+                    "test_accuracy": r.test_accuracy,
+                    "test_loss": r.test_loss,
+                }
+                for r in fed.rounds
+            ],
+        },
+        "utility": {
+            "initial_test_accuracy": fed.initial_test_accuracy,
+            "test_accuracy": accuracy,
+            "final_test_accuracy": accuracy[-1],
+        },
+        "privacy": None,
+        "cost": {
+            "seconds": 0.0,
+            "bytes_up_per_client": fed.cost.bytes_up_per_client,
+            "bytes_down_per_client": fed.cost.bytes_down_per_client,
+            "client_seconds": fed.cost.client_seconds,
+            "server_seconds": fed.cost.server_seconds,
+        },
+        "attacks": attack_entries,
+        "risk": assess(attack_entries),
+    }
+    utility_png = artifacts.utility_png(accuracy, initial=fed.initial_test_accuracy)
+    artifacts.save_png(out_dir / "utility.png", utility_png)
+    report["artifacts"] = ["utility.png"]
+    report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
+    write_report(report, out_dir)
+    return report
+
+
+def _run_one(
+    attack: Attack, obs: Any, model: torch.nn.Module, rng: torch.Generator, hooks: AuditHooks
+) -> AttackResult:
+    reason = attack.applicable(obs)
+    if reason is not None:
+        return AttackResult(attack.name, obs.round, obs.target_client, "not_applicable", reason)
+    started = time.perf_counter()
+    try:
+        return attack.run(obs, model, rng=rng, progress=hooks.attack_progress)
+    except (GradauditError, ValueError, RuntimeError) as exc:
+        logger.debug("attack %s failed", attack.name, exc_info=True)
+        return AttackResult(
+            attack.name,
+            obs.round,
+            obs.target_client,
+            "failed",
+            reason=f"{type(exc).__name__}: {exc}",
+            seconds=time.perf_counter() - started,
+            details={"traceback": traceback.format_exc(limit=8)},
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _entry(
+    result: AttackResult,
+    index: int,
+    out_dir: Path,
+    true_images: torch.Tensor | None,
+    true_labels: torch.Tensor,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "attack": result.attack,
+        "round": result.round,
+        "client": result.client,
+        "status": result.status,
+        "reason": result.reason,
+        "metrics": {},
+        "seconds": round(result.seconds, 3),
+        "details": _jsonable(dict(result.details)),
+        "artifacts": [],
+        "trace": [list(t) for t in result.trace],
+    }
+    if result.status != "ok":
+        return entry
+    rec = result.reconstruction
+    metrics, perm = score_reconstruction(rec, true_images, true_labels)
+    entry["metrics"] = metrics
+    if rec.labels is not None:
+        entry["details"]["recovered_labels"] = sorted(int(v) for v in rec.labels)
+        entry["details"]["true_labels"] = sorted(int(v) for v in true_labels)
+    if rec.images is not None and true_images is not None and perm is not None:
+        name = f"reconstructions/attack{index}_r{result.round}_c{result.client}.png"
+        png = artifacts.comparison_png(true_images, rec.images[perm])
+        artifacts.save_png(out_dir / name, png)
+        entry["artifacts"].append(name)
+    return entry
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """Write report.json and render report.html beside it, both atomically."""
+    from gradaudit.audit.render import render_html
+
+    atomic_write_json(out_dir / "report.json", report)
+    render_html(out_dir)

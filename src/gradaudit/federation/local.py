@@ -1,0 +1,220 @@
+"""Client-side local training: which examples each local step uses, and the two engines."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradaudit.types import TensorDict
+
+logger = logging.getLogger(__name__)
+
+Algorithm = Literal["fedsgd", "fedavg"]
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """The examples one client uses at each local step (indices into the training set).
+
+    Attributes:
+        client_id: the client.
+        steps: one index array per local SGD step (FedSGD has exactly one).
+    """
+
+    client_id: int
+    steps: tuple[np.ndarray, ...]
+
+    @property
+    def used(self) -> np.ndarray:
+        """Every example the client touched, once each, sorted."""
+        return np.unique(np.concatenate(self.steps)) if self.steps else np.zeros(0, np.int64)
+
+    @property
+    def num_examples(self) -> int:
+        """The example count the client reports to the server for weighting."""
+        return int(self.used.size)
+
+
+def plan_local_batches(
+    client_id: int,
+    indices: np.ndarray,
+    *,
+    algorithm: Algorithm,
+    batch_size: int,
+    epochs: int | None,
+    steps: int | None,
+    rng: np.random.Generator,
+) -> LocalPlan:
+    """Draw the local batches of one client for one round.
+
+    FedSGD takes one batch of ``min(batch_size, n)`` examples without replacement. FedAvg shuffles
+    the client's data each epoch and cuts it into batches (the last may be smaller); with `steps`
+    it keeps going through fresh shuffles until exactly `steps` batches are drawn.
+
+    Example:
+        >>> plan = plan_local_batches(0, np.arange(10), algorithm="fedavg", batch_size=4,
+        ...                           epochs=1, steps=None, rng=np.random.default_rng(0))
+        >>> [len(s) for s in plan.steps]
+        [4, 4, 2]
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        return LocalPlan(client_id, ())
+    if algorithm == "fedsgd":
+        take = min(batch_size, indices.size)
+        return LocalPlan(client_id, (np.sort(rng.choice(indices, size=take, replace=False)),))
+    batches: list[np.ndarray] = []
+    wanted_epochs = epochs if epochs is not None else (None if steps is not None else 1)
+    epoch = 0
+    while True:
+        order = rng.permutation(indices)
+        for start in range(0, order.size, batch_size):
+            batches.append(order[start : start + batch_size])
+            if steps is not None and len(batches) == steps:
+                return LocalPlan(client_id, tuple(batches))
+        epoch += 1
+        if wanted_epochs is not None and epoch >= wanted_epochs:
+            return LocalPlan(client_id, tuple(batches))
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model keeps running statistics (which rules out the vectorised engine)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _state_split(model: nn.Module, state: TensorDict) -> tuple[TensorDict, TensorDict]:
+    param_names = {name for name, _ in model.named_parameters()}
+    params = {k: v for k, v in state.items() if k in param_names}
+    buffers = {k: v for k, v in state.items() if k not in param_names}
+    return params, buffers
+
+
+def _weighted_ce(logits: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    losses = nn.functional.cross_entropy(logits, y, reduction="none")
+    return (losses * w).sum() / w.sum().clamp_min(1.0)
+
+
+def train_clients_loop(
+    model: nn.Module,
+    global_state: TensorDict,
+    x: Tensor,
+    y: Tensor,
+    plans: Sequence[LocalPlan],
+    *,
+    algorithm: Algorithm,
+    lr: float,
+) -> list[TensorDict]:
+    """Train each client in turn (plain PyTorch, works for every model, BatchNorm included).
+
+    Returns, per client, the update tensors keyed like ``model.state_dict()``: the gradient
+    (FedSGD) or the parameter change (FedAvg) for parameters, and the change of every buffer.
+    The model is left holding `global_state`.
+    """
+    updates: list[TensorDict] = []
+    names = [name for name, _ in model.named_parameters()]
+    for plan in plans:
+        model.load_state_dict(global_state)
+        model.train()
+        params = [p for _, p in model.named_parameters()]
+        last_grads: tuple[Tensor, ...] = ()
+        for idx in plan.steps:
+            index = torch.as_tensor(idx)
+            logits = model(x[index])
+            loss = nn.functional.cross_entropy(logits, y[index])
+            last_grads = torch.autograd.grad(loss, params)
+            if algorithm == "fedavg":
+                with torch.no_grad():
+                    for p, g in zip(params, last_grads, strict=True):
+                        p.sub_(lr * g)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        update: TensorDict = {}
+        grads = dict(zip(names, last_grads, strict=True)) if last_grads else {}
+        for key, value in state.items():
+            if algorithm == "fedsgd" and key in grads:
+                update[key] = grads[key].detach().clone()
+            else:
+                update[key] = value - global_state[key]
+        updates.append(update)
+    model.load_state_dict(global_state)
+    return updates
+
+
+def _pad_steps(
+    plans: Sequence[LocalPlan],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack every client's step indices into (C, S, B) arrays with a weight mask."""
+    num_steps = max((len(p.steps) for p in plans), default=0)
+    width = max((len(s) for p in plans for s in p.steps), default=0)
+    index = np.zeros((len(plans), num_steps, width), dtype=np.int64)
+    weight = np.zeros((len(plans), num_steps, width), dtype=np.float32)
+    active = np.zeros((len(plans), num_steps), dtype=np.float32)
+    for c, plan in enumerate(plans):
+        for s, idx in enumerate(plan.steps):
+            index[c, s, : len(idx)] = idx
+            weight[c, s, : len(idx)] = 1.0
+            active[c, s] = 1.0
+    return index, weight, active
+
+
+def train_clients_vectorised(
+    model: nn.Module,
+    global_state: TensorDict,
+    x: Tensor,
+    y: Tensor,
+    plans: Sequence[LocalPlan],
+    *,
+    algorithm: Algorithm,
+    lr: float,
+) -> list[TensorDict]:
+    """Train all clients of a round together with ``torch.func`` (functional_call + vmap + grad).
+
+    Numerically the same as :func:`train_clients_loop` (tested), for models without BatchNorm.
+    Clients with fewer or smaller batches are padded with zero-weight examples and inactive steps.
+    """
+    if has_batchnorm(model):
+        raise ValueError("the vectorised engine needs a model without BatchNorm")
+    params, buffers = _state_split(model, global_state)
+    index_np, weight_np, active_np = _pad_steps(plans)
+    num_clients, num_steps, _ = index_np.shape
+    index = torch.as_tensor(index_np)
+    weight = torch.as_tensor(weight_np)
+    active = torch.as_tensor(active_np)
+
+    def loss(p: TensorDict, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
+        logits = functional_call(model, (p, buffers), (xb,))
+        return _weighted_ce(logits, yb, wb)
+
+    per_client_grad = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+    stacked = {k: v.unsqueeze(0).expand(num_clients, *v.shape).clone() for k, v in params.items()}
+    last: TensorDict = {}
+    model.train()
+    for s in range(num_steps):
+        idx = index[:, s]
+        g = per_client_grad(stacked, x[idx], y[idx], weight[:, s])
+        if algorithm == "fedsgd":
+            last = g
+            break
+        mask = active[:, s]
+        stacked = {
+            k: v - lr * g[k] * mask.view(-1, *([1] * (v.dim() - 1))) for k, v in stacked.items()
+        }
+    updates: list[TensorDict] = []
+    for c in range(num_clients):
+        update: TensorDict = {}
+        for key, value in global_state.items():
+            if key in params:
+                if algorithm == "fedsgd":
+                    update[key] = last[key][c].detach().clone()
+                else:
+                    update[key] = (stacked[key][c] - value).detach().clone()
+            else:
+                update[key] = torch.zeros_like(value)
+        updates.append(update)
+    return updates

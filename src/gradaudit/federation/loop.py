@@ -1,0 +1,233 @@
+"""The round loop: sample clients, train them, apply client defenses, aggregate, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradaudit.config import FederationSpec
+from gradaudit.data.base import Dataset
+from gradaudit.errors import ConfigError
+from gradaudit.federation.aggregation import apply_aggregate, weighted_mean
+from gradaudit.federation.local import (
+    LocalPlan,
+    has_batchnorm,
+    plan_local_batches,
+    train_clients_loop,
+    train_clients_vectorised,
+)
+from gradaudit.federation.sampling import drop_clients, sample_clients
+from gradaudit.seeding import numpy_rng, torch_generator
+from gradaudit.types import ClientUpdate, TensorDict
+
+logger = logging.getLogger(__name__)
+
+UpdateTransformFn = Callable[..., ClientUpdate]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one round.
+
+    Attributes:
+        round: the round (from 1).
+        sampled: the clients asked to train.
+        dropped: the sampled clients whose update never arrived.
+        test_accuracy: the new global model's accuracy on the test set.
+        test_loss: its mean cross-entropy on the test set.
+    """
+
+    round: int
+    sampled: tuple[int, ...]
+    dropped: tuple[int, ...]
+    test_accuracy: float
+    test_loss: float
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What crossed the network in one round, and the private truth used only for scoring.
+
+    Attributes:
+        round: the round.
+        global_state: the model the server sent at the start of the round.
+        updates: every update that reached the server (after client-side defenses).
+        plans: PRIVATE: which examples each client used. Attacks never see this.
+    """
+
+    round: int
+    global_state: TensorDict
+    updates: tuple[ClientUpdate, ...]
+    plans: Mapping[int, LocalPlan]
+
+
+@dataclass(frozen=True)
+class CostRecord:
+    """Communication and compute per round, averaged over participating clients."""
+
+    bytes_up_per_client: int
+    bytes_down_per_client: int
+    client_seconds: float
+    server_seconds: float
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    """The outcome of a simulated federation."""
+
+    final_state: TensorDict
+    rounds: tuple[RoundRecord, ...]
+    captures: Mapping[int, Capture]
+    engine: str
+    cost: CostRecord
+    initial_test_accuracy: float
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors as sent uncompressed."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, state: TensorDict, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 1024
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` holding `state` on (x, y)."""
+    model.load_state_dict(state)
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, x.shape[0], chunk):
+        logits = model(x[start : start + chunk])
+        target = y[start : start + chunk]
+        correct += int((logits.argmax(dim=1) == target).sum())
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    n = max(int(x.shape[0]), 1)
+    return correct / n, loss / n
+
+
+def choose_engine(model: nn.Module, requested: str) -> str:
+    """`vectorised` where the model allows it (no BatchNorm), else `loop`."""
+    if requested == "vectorised" and has_batchnorm(model):
+        raise ConfigError(
+            "federation.engine: 'vectorised' cannot train a model with BatchNorm (its running "
+            "statistics are per-client state); use 'loop' or 'auto'"
+        )
+    if requested == "auto":
+        return "loop" if has_batchnorm(model) else "vectorised"
+    return requested
+
+
+def run_federation(
+    model: nn.Module,
+    dataset: Dataset,
+    client_indices: Sequence[np.ndarray],
+    spec: FederationSpec,
+    *,
+    seed: int,
+    capture_rounds: Collection[int] = (),
+    client_transforms: Sequence[UpdateTransformFn] = (),
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> FederationResult:
+    """Simulate `spec.rounds` rounds of FedSGD or FedAvg on `dataset` split as `client_indices`.
+
+    Args:
+        model: the global model; its current state is the initial global model.
+        dataset: training and test data in model space.
+        client_indices: per client, its indices into ``dataset.x_train``.
+        spec: the federation settings.
+        seed: the scenario seed; every random choice derives a named stream from it.
+        capture_rounds: rounds whose traffic is kept (for the adversary and the scorer).
+        client_transforms: client-side defenses, applied in order to every update.
+        on_round: called after every round (for progress display).
+
+    Returns:
+        The final model state, the per-round records and the captured rounds.
+    """
+    engine = choose_engine(model, spec.engine)
+    train = train_clients_vectorised if engine == "vectorised" else train_clients_loop
+    param_names = frozenset(name for name, _ in model.named_parameters())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kind = "gradient" if spec.algorithm == "fedsgd" else "delta"
+    x, y = dataset.x_train, dataset.y_train
+    initial_accuracy, _ = evaluate(model, state, dataset.x_test, dataset.y_test)
+
+    records: list[RoundRecord] = []
+    captures: dict[int, Capture] = {}
+    up_bytes: list[int] = []
+    client_seconds: list[float] = []
+    server_seconds: list[float] = []
+    down_bytes = tensor_bytes(state)
+    for rnd in range(1, spec.rounds + 1):
+        sampled = sample_clients(
+            len(client_indices),
+            clients_per_round=spec.clients_per_round,
+            sample_rate=spec.sample_rate,
+            rng=numpy_rng(seed, "sampling", rnd),
+        )
+        survivors, dropped = drop_clients(
+            sampled, dropout_rate=spec.dropout_rate, rng=numpy_rng(seed, "dropout", rnd)
+        )
+        plans = [
+            plan_local_batches(
+                int(c),
+                client_indices[int(c)],
+                algorithm=spec.algorithm,
+                batch_size=spec.local.batch_size,
+                epochs=spec.local.epochs,
+                steps=spec.local.steps,
+                rng=numpy_rng(seed, "local", rnd, int(c)),
+            )
+            for c in survivors
+        ]
+        started = time.perf_counter()
+        tensors = (
+            train(model, state, x, y, plans, algorithm=spec.algorithm, lr=spec.local.lr)
+            if plans
+            else []
+        )
+        updates = []
+        for plan, update_tensors in zip(plans, tensors, strict=True):
+            update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, plan.num_examples)
+            for transform in client_transforms:
+                update = transform(update, rng=torch_generator(seed, "defense", rnd, plan.client_id))
+            updates.append(update)
+        if plans:
+            client_seconds.append((time.perf_counter() - started) / len(plans))
+            up_bytes.extend(tensor_bytes(u.tensors) for u in updates)
+
+        if rnd in capture_rounds:
+            captures[rnd] = Capture(rnd, state, tuple(updates), {p.client_id: p for p in plans})
+
+        started = time.perf_counter()
+        if updates:
+            aggregate = weighted_mean(updates)
+            state = apply_aggregate(
+                state, aggregate, kind=kind, lr=spec.local.lr, param_names=param_names
+            )
+        else:
+            logger.warning("round %d: no client update arrived; the model is unchanged", rnd)
+        server_seconds.append(time.perf_counter() - started)
+
+        accuracy, loss = evaluate(model, state, dataset.x_test, dataset.y_test)
+        record = RoundRecord(
+            rnd, tuple(int(c) for c in sampled), tuple(int(c) for c in dropped), accuracy, loss
+        )
+        records.append(record)
+        logger.info("round %d: %d clients, test accuracy %.4f", rnd, len(updates), accuracy)
+        if on_round is not None:
+            on_round(record)
+
+    model.load_state_dict(state)
+    cost = CostRecord(
+        bytes_up_per_client=int(np.mean(up_bytes)) if up_bytes else 0,
+        bytes_down_per_client=down_bytes,
+        client_seconds=float(np.mean(client_seconds)) if client_seconds else 0.0,
+        server_seconds=float(np.mean(server_seconds)) if server_seconds else 0.0,
+    )
+    return FederationResult(state, tuple(records), captures, engine, cost, initial_accuracy)

@@ -1,0 +1,98 @@
+"""Build the Observation an adversary gets from a captured round, and say it in plain words."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gradaudit.config import FederationSpec, ThreatSpec
+from gradaudit.federation.aggregation import weighted_mean
+from gradaudit.federation.loop import Capture
+from gradaudit.types import Observation, TaskInfo, Visibility
+
+_KNOWLEDGE_WORDS = {
+    "labels": "the labels of the target's examples",
+    "batch_size": "the local batch size",
+    "architecture": "the model architecture",
+    "local_hyperparameters": "the local training hyperparameters",
+}
+
+
+def observe(
+    threat: ThreatSpec,
+    capture: Capture,
+    federation: FederationSpec,
+    task: TaskInfo,
+    y_train: Tensor,
+    *,
+    visibility: Visibility = Visibility.INDIVIDUAL,
+) -> Observation:
+    """What `threat`'s adversary sees of the captured round.
+
+    An honest-but-curious server that aggregates in the clear sees every individual update (and
+    their aggregate). Side information is added only where `threat.knows` grants it; the labels
+    are the only private values that can be granted, and only for the target client.
+
+    Args:
+        threat: the threat model.
+        capture: the round's traffic and private plans (the plans are used only for granted labels).
+        federation: the federation settings (for the granted hyperparameters).
+        task: public facts about the task.
+        y_train: the training labels (read only when `labels` is granted).
+        visibility: what the server's aggregation protocol lets it see.
+    """
+    target = threat.target.client
+    side: dict[str, object] = {}
+    plan = capture.plans.get(target)
+    if "architecture" in threat.knows:
+        side["architecture"] = True
+    if "batch_size" in threat.knows:
+        side["batch_size"] = federation.local.batch_size
+    if "labels" in threat.knows and plan is not None:
+        side["labels"] = y_train[plan.used].clone()
+    if "local_hyperparameters" in threat.knows:
+        side["local_hyperparameters"] = {
+            "algorithm": federation.algorithm,
+            "lr": federation.local.lr,
+            "batch_size": federation.local.batch_size,
+            "epochs": federation.local.epochs,
+            "steps": federation.local.steps,
+            "num_steps": len(plan.steps) if plan is not None else None,
+        }
+    aggregate = weighted_mean(capture.updates) if capture.updates else None
+    updates = capture.updates if visibility is Visibility.INDIVIDUAL else ()
+    return Observation(
+        round=capture.round,
+        target_client=target,
+        global_params=capture.global_state,
+        updates=updates,
+        aggregate=aggregate,
+        side_info=side,
+        task=task,
+    )
+
+
+def describe_threat(threat: ThreatSpec) -> str:
+    """The threat model in one plain sentence, for the report.
+
+    Example:
+        >>> from gradaudit.config import ThreatSpec
+        >>> describe_threat(ThreatSpec(knows=("architecture",)))  # doctest: +NORMALIZE_WHITESPACE
+        'An honest-but-curious server, which follows the protocol but studies what it receives,
+        attacks client 0 in round 1, seeing its individual update and knowing the model
+        architecture.'
+    """
+    who = {
+        ("server", "honest_but_curious"): "An honest-but-curious server, which follows the "
+        "protocol but studies what it receives,"
+    }[(threat.adversary, threat.behaviour)]
+    knows = [_KNOWLEDGE_WORDS[k] for k in threat.knows]
+    if not knows:
+        known = "knowing nothing beyond what it receives"
+    elif len(knows) == 1:
+        known = f"knowing {knows[0]}"
+    else:
+        known = "knowing " + ", ".join(knows[:-1]) + f" and {knows[-1]}"
+    return (
+        f"{who} attacks client {threat.target.client} in round {threat.target.round}, "
+        f"seeing its individual update and {known}."
+    )

@@ -1,0 +1,188 @@
+"""Value types shared by every layer: updates, what the adversary observes, and attack results."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TensorDict = dict[str, Tensor]
+"""Tensors keyed exactly like ``model.state_dict()``."""
+
+AttackStatus = Literal["ok", "not_applicable", "failed"]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client sends to the server in one round.
+
+    Attributes:
+        client_id: the client's index in the federation.
+        round: the round, counted from 1.
+        kind: ``"gradient"`` (FedSGD: one gradient on one local batch) or ``"delta"`` (FedAvg: the
+            local model minus the global model). Buffers (BatchNorm statistics) always travel as
+            the change the client's local forward passes made to them.
+        tensors: one tensor per ``model.state_dict()`` key.
+        num_examples: how many local examples the update was computed from (sent for weighting).
+    """
+
+    client_id: int
+    round: int
+    kind: Literal["gradient", "delta"]
+    tensors: TensorDict
+    num_examples: int
+
+
+class Visibility(enum.Enum):
+    """What the server's aggregation protocol lets the server see."""
+
+    INDIVIDUAL = "individual"
+    AGGREGATE_ONLY = "aggregate_only"
+    CIPHERTEXT = "ciphertext"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel affine normalisation applied to inputs: ``x_model = (x_pixel - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def _shape(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(view)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(view)
+        return mean, std
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Pixel space [0, 1] to model space; ``x`` is (N, C, ...)."""
+        mean, std = self._shape(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model space back to pixel space; ``x`` is (N, C, ...)."""
+        mean, std = self._shape(x)
+        return x * std + mean
+
+
+@dataclass(frozen=True)
+class TabularSchema:
+    """The columns of a tabular input row.
+
+    A row of ``x`` holds the numeric features first (standardised floats), then one column per
+    categorical feature holding its integer code (stored as a float; missing is its own code).
+    """
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    cardinalities: tuple[int, ...]
+    categories: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def num_features(self) -> int:
+        """Columns in a row of ``x``."""
+        return len(self.numeric) + len(self.categorical)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Public facts about the learning task that every participant, the server included, knows.
+
+    Attributes:
+        dataset: the dataset's registry name.
+        modality: ``"image"`` or ``"tabular"``.
+        input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
+        num_classes: the number of labels.
+        normalization: for images, how pixels in [0, 1] map to model inputs; None otherwise.
+        class_names: a name per label.
+        tabular: for tabular data, the column schema.
+    """
+
+    dataset: str
+    modality: Literal["image", "tabular"]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    normalization: Normalization | None
+    class_names: tuple[str, ...]
+    tabular: TabularSchema | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """All that an attack may touch: exactly what the chosen adversary sees in one round.
+
+    Attributes:
+        round: the observed round (from 1).
+        target_client: the client the adversary attacks.
+        global_params: the model state the server sent at the start of the round.
+        updates: the individual updates the adversary sees (empty when it sees only the aggregate).
+        aggregate: the aggregated update, when the adversary sees it.
+        side_info: only what the threat model grants, e.g. ``{"labels": tensor, "batch_size": 8}``.
+        task: public facts about the task (input shape, normalisation, number of classes).
+    """
+
+    round: int
+    target_client: int
+    global_params: TensorDict
+    updates: tuple[ClientUpdate, ...]
+    aggregate: TensorDict | None
+    side_info: Mapping[str, object]
+    task: TaskInfo
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "side_info", MappingProxyType(dict(self.side_info)))
+
+    def update_of(self, client: int) -> ClientUpdate | None:
+        """The individual update of `client`, if the adversary saw it."""
+        for update in self.updates:
+            if update.client_id == client:
+                return update
+        return None
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What an attack recovered; scored later against the private data.
+
+    Attributes:
+        images: reconstructed inputs in pixel space [0, 1], (N, C, H, W), or None.
+        labels: recovered labels as a multiset (order carries no meaning), or None.
+        confidence: per reconstructed input, the attacker's own confidence (higher is surer).
+    """
+
+    images: Tensor | None = None
+    labels: Tensor | None = None
+    confidence: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """The outcome of one attack on one observation.
+
+    Attributes:
+        attack: the attack's registry name.
+        round: the observed round.
+        client: the attacked client.
+        status: ``ok``, ``not_applicable`` (the threat model does not give the attack its input:
+            `reason` says which) or ``failed`` (it ran and raised: `reason` holds the error).
+        reason: why the attack did not run or failed.
+        reconstruction: what it recovered (status ``ok`` only).
+        seconds: wall-clock seconds the attack took.
+        details: attack-specific facts for the report (method used, iterations run, losses).
+        trace: (iteration, seconds, loss) points of an optimisation, for convergence plots.
+    """
+
+    attack: str
+    round: int
+    client: int
+    status: AttackStatus
+    reason: str | None = None
+    reconstruction: Reconstruction = field(default_factory=Reconstruction)
+    seconds: float = 0.0
+    details: Mapping[str, object] = field(default_factory=dict)
+    trace: tuple[tuple[int, float, float], ...] = ()
