@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from gradaudit.audit.io import atomic_write_bytes  # noqa: E402
@@ -50,6 +51,7 @@ def utility_png(accuracy: Sequence[float], *, initial: float | None = None) -> b
     ax.set_xlabel("round (0 = initial model)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from gradaudit.config import FederationSpec, ThreatSpec
 from gradaudit.federation.aggregation import weighted_mean
 from gradaudit.federation.loop import Capture
-from gradaudit.types import Observation, TaskInfo, Visibility
+from gradaudit.types import ClientUpdate, Observation, TaskInfo, Visibility
 
 _KNOWLEDGE_WORDS = {
     "labels": "the labels of the target's examples",
@@ -96,3 +97,46 @@ def describe_threat(threat: ThreatSpec) -> str:
         f"{who} attacks client {threat.target.client} in round {threat.target.round}, "
         f"seeing its individual update and {known}."
     )
+
+
+def observe_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: TaskInfo,
+    *,
+    knows: tuple[str, ...] = ("architecture",),
+    train_mode: bool = True,
+    client: int = 0,
+) -> Observation:
+    """The server's view of one FedSGD gradient that a client computes on the batch ``(x, y)``.
+
+    A shortcut around the federation for oracle tests and benchmarks: the model's current state
+    is the global model, and the client's gradient of the mean cross-entropy is its update.
+
+    Args:
+        model: the global model (left unchanged; BatchNorm buffers are restored).
+        x: the client's batch in model space.
+        y: its labels.
+        task: public facts about the task.
+        knows: side information granted (``labels``, ``batch_size``, ``architecture``).
+        train_mode: compute the gradient in training mode (BatchNorm on batch statistics).
+        client: the client id to report.
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.train(train_mode)
+    params = [p for _, p in model.named_parameters()]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+    after = model.state_dict()
+    tensors = {k: after[k].detach() - state[k] for k in state}
+    tensors.update({n: g.detach() for (n, _), g in zip(model.named_parameters(), grads, strict=True)})
+    model.load_state_dict(state)
+    model.train(was_training)
+    update = ClientUpdate(client, 1, "gradient", tensors, int(x.shape[0]))
+    side: dict[str, object] = {"architecture": True} if "architecture" in knows else {}
+    if "labels" in knows:
+        side["labels"] = y.clone()
+    if "batch_size" in knows:
+        side["batch_size"] = int(x.shape[0])
+    return Observation(1, client, state, (update,), None, side, task)

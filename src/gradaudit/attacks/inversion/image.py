@@ -58,6 +58,9 @@ class InvertingGradientsParams(BaseModel):
     init: Literal["randn", "rand"] = Field("randn", description="initial guess distribution")
     label_method: LabelMethod = Field("auto", description="label recovery when labels are unknown")
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
+    client_mode: Literal["train", "eval"] = Field(
+        "train", description="the mode the client computed its update in (BatchNorm statistics)"
+    )
 
 
 class InvertingGradientsAttack:
@@ -120,7 +123,7 @@ class InvertingGradientsAttack:
             label_source = f"recovered ({method})"
         grads, grad_source = gradient_estimate(update, obs)
         attacker = attacker_model(model, obs)
-        attacker.train()  # clients compute their update in training mode
+        attacker.train(self.params.client_mode == "train")
         names = [n for n, _ in attacker.named_parameters()]
         target = [grads[n].detach() for n in names]
         norm = obs.task.normalization
@@ -218,10 +221,11 @@ class InvertingGradientsAttack:
             if p.boxed:
                 with torch.no_grad():
                     x.data = torch.max(torch.min(x, hi), lo)
-            if step % every == 0 or step == p.iterations:
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            if step == 1 or step % every == 0 or step == p.iterations or out_of_time:
                 trace.append((offset + step, time.perf_counter() - started, cost))
             if progress is not None:
                 progress(offset + step, total)
-            if deadline is not None and time.perf_counter() >= deadline:
+            if out_of_time:
                 break
         return best_x, best_cost, step
