@@ -13,8 +13,8 @@ import json
 import time
 
 import torch
-
 from _common import cifar10_test_picks, machine
+
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.data import load_dataset
 from gradaudit.metrics import psnr, ssim
@@ -26,8 +26,13 @@ from gradaudit.threat import observe_batch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--classes", type=int, nargs="*", default=[1],
-                        help="CIFAR-10 classes whose test image #0 is attacked (1 = automobile)")
+    parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="CIFAR-10 classes whose test image #0 is attacked (1 = automobile)",
+    )
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batchnorm", choices=["eval", "train"], default="eval")
     parser.add_argument("--restarts", type=int, default=1)
@@ -40,8 +45,11 @@ def main() -> None:
     info = load_dataset("cifar10", None).info  # normalisation of the training split
     assert info.normalization is not None
     images, labels, names = cifar10_test_picks(0)
-    params = {"iterations": args.iterations, "restarts": args.restarts,
-              "client_mode": args.batchnorm}
+    params = {
+        "iterations": args.iterations,
+        "restarts": args.restarts,
+        "client_mode": args.batchnorm,
+    }
     if args.tv is not None:
         params["tv_weight"] = args.tv
     if args.lr is not None:
@@ -49,8 +57,9 @@ def main() -> None:
     attack = InvertingGradientsAttack(InvertingGradientsParams(**params))
     results = []
     for cls in args.classes:
-        model = build_model("convnet", {"width": args.width}, info,
-                            generator=torch_generator(args.seed, "model"))
+        model = build_model(
+            "convnet", {"width": args.width}, info, generator=torch_generator(args.seed, "model")
+        )
         pixels = torch.from_numpy(images[cls : cls + 1])
         x = info.normalization.normalize(pixels)
         y = torch.tensor([int(labels[cls])])
@@ -61,26 +70,36 @@ def main() -> None:
         seconds = time.perf_counter() - started
         rec = result.reconstruction.images
         assert rec is not None
-        results.append({
-            "class": names[cls],
-            "psnr": round(float(psnr(rec, pixels)[0]), 3),
-            "ssim": round(float(ssim(rec, pixels)[0]), 4),
-            "seconds": round(seconds, 2),
-            "objective": result.details["objective"],
-            "curve": [[t[0], round(t[1], 2), t[2]] for t in result.trace[:: max(1, len(result.trace) // 20)]],
-        })
+        results.append(
+            {
+                "class": names[cls],
+                "psnr": round(float(psnr(rec, pixels)[0]), 3),
+                "ssim": round(float(ssim(rec, pixels)[0]), 4),
+                "seconds": round(seconds, 2),
+                "objective": result.details["objective"],
+                "curve": [
+                    [t[0], round(t[1], 2), t[2]]
+                    for t in result.trace[:: max(1, len(result.trace) // 20)]
+                ],
+            }
+        )
     values = sorted(r["psnr"] for r in results)
-    print(json.dumps({
-        "case": "cifar10-convnet-init-batch1",
-        "width": args.width,
-        "iterations": args.iterations,
-        "restarts": args.restarts,
-        "batchnorm": args.batchnorm,
-        "labels": args.labels,
-        "median_psnr": values[len(values) // 2],
-        "results": results,
-        "machine": machine(),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "case": "cifar10-convnet-init-batch1",
+                "width": args.width,
+                "iterations": args.iterations,
+                "restarts": args.restarts,
+                "batchnorm": args.batchnorm,
+                "labels": args.labels,
+                "median_psnr": values[len(values) // 2],
+                "results": results,
+                "machine": machine(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from enum import Enum
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +30,7 @@ out = Console()
 QUICKSTART = "quickstart.yaml"
 
 
-class Family(str, Enum):
+class Family(StrEnum):
     """What `gradaudit list` can list."""
 
     datasets = "datasets"
@@ -174,8 +174,12 @@ def _summarise(report: dict, target: Path) -> None:  # type: ignore[type-arg]
     table.add_column("seconds", justify="right")
     for item in report["attacks"]:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in item["metrics"].items())
-        table.add_row(item["attack"], item["status"], metrics or (item["reason"] or ""),
-                      f"{item['seconds']:.1f}")
+        table.add_row(
+            item["attack"],
+            item["status"],
+            metrics or (item["reason"] or ""),
+            f"{item['seconds']:.1f}",
+        )
     out.print(table)
     out.print(f"final test accuracy: {report['utility']['final_test_accuracy']:.4f}")
     for finding in report["risk"]["findings"]:

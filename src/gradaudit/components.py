@@ -19,11 +19,17 @@ def validate_components(scenario: Scenario, *, source: str = "") -> None:
     where = f" in {source}" if source else ""
     checks = [
         (DATASETS, "data.dataset", scenario.data.dataset, None),
-        (PARTITIONERS, "data.partition", scenario.data.partition.kind, scenario.data.partition.params),
+        (
+            PARTITIONERS,
+            "data.partition",
+            scenario.data.partition.kind,
+            scenario.data.partition.params,
+        ),
         (MODELS, "model", scenario.model.kind, scenario.model.params),
     ]
     checks += [
-        (ATTACKS, f"attacks[{i}]", spec.kind, spec.params) for i, spec in enumerate(scenario.attacks)
+        (ATTACKS, f"attacks[{i}]", spec.kind, spec.params)
+        for i, spec in enumerate(scenario.attacks)
     ]
     checks += [
         (CLIENT_DEFENSES, f"defenses.client[{i}]", spec.kind, spec.params)
@@ -45,4 +51,6 @@ def validate_components(scenario: Scenario, *, source: str = "") -> None:
             try:
                 registry.parse_params(kind, params, where=f"{path}.params")
             except ConfigError as exc:
-                raise ConfigError(str(exc).replace("invalid scenario:", f"invalid scenario{where}:")) from None
+                raise ConfigError(
+                    str(exc).replace("invalid scenario:", f"invalid scenario{where}:")
+                ) from None

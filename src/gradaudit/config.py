@@ -242,7 +242,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             nxt = parts[depth + 1]
             if isinstance(node, list):
                 if not isinstance(part, int) or part >= len(node):
-                    raise ConfigError(f"--set {key}: no list item {part!r} at {_format_loc(parts[:depth])}")
+                    raise ConfigError(
+                        f"--set {key}: no list item {part!r} at {_format_loc(parts[:depth])}"
+                    )
                 node = node[part]
             else:
                 if isinstance(part, int):
@@ -286,7 +288,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 

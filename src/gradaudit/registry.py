@@ -21,7 +21,7 @@ class NoParams(BaseModel):
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A registered component: its factory, its parameter spec and a summary for `gradaudit list`."""
+    """A registered component: its factory, its params spec and a summary for `gradaudit list`."""
 
     name: str
     factory: T

@@ -63,14 +63,25 @@ def test_same_seed_same_numbers(tiny: Path, tmp_path: Path) -> None:
         assert code == 0, output
         reports.append(json.loads((tmp_path / name / "report.json").read_text()))
     assert reports[0]["utility"] == reports[1]["utility"]
-    assert [a["metrics"] for a in reports[0]["attacks"]] == [a["metrics"] for a in reports[1]["attacks"]]
+    assert [a["metrics"] for a in reports[0]["attacks"]] == [
+        a["metrics"] for a in reports[1]["attacks"]
+    ]
 
 
 def test_set_overrides_and_seed_changes_numbers(tiny: Path, tmp_path: Path) -> None:
-    code, _ = _audit(str(tiny), "--out", str(tmp_path / "a"), "--set", "attacks[1].params.iterations=5")
+    code, _ = _audit(
+        str(tiny), "--out", str(tmp_path / "a"), "--set", "attacks[1].params.iterations=5"
+    )
     assert code == 0
-    code, _ = _audit(str(tiny), "--out", str(tmp_path / "b"), "--set", "seed=4",
-                     "--set", "attacks[1].params.iterations=5")
+    code, _ = _audit(
+        str(tiny),
+        "--out",
+        str(tmp_path / "b"),
+        "--set",
+        "seed=4",
+        "--set",
+        "attacks[1].params.iterations=5",
+    )
     assert code == 0
     a = json.loads((tmp_path / "a" / "report.json").read_text())
     b = json.loads((tmp_path / "b" / "report.json").read_text())
@@ -101,8 +112,15 @@ def test_missing_scenario_file_exit_2(tmp_path: Path) -> None:
 
 
 def test_missing_dataset_file_names_where_it_looked(tiny: Path, tmp_path: Path) -> None:
-    code, output = _audit(str(tiny), "--out", str(tmp_path / "o"), "--set", "data.dataset=mnist",
-                          "--data-dir", str(tmp_path / "empty"))
+    code, output = _audit(
+        str(tiny),
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "data.dataset=mnist",
+        "--data-dir",
+        str(tmp_path / "empty"),
+    )
     assert code == 2
     assert "mnist" in output and "empty" in output
     assert "Traceback" not in output
@@ -132,10 +150,16 @@ def test_report_rerenders_and_rejects_corrupt_json(tiny: Path, tmp_path: Path) -
     assert result.exit_code == 2 and "report.json" in result.output
 
 
-@pytest.mark.parametrize(("family", "expected"), [
-    ("datasets", "pneumoniamnist"), ("models", "convnet"), ("attacks", "inverting_gradients"),
-    ("partitions", "dirichlet"), ("defenses", "client defense"),
-])
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("datasets", "pneumoniamnist"),
+        ("models", "convnet"),
+        ("attacks", "inverting_gradients"),
+        ("partitions", "dirichlet"),
+        ("defenses", "client defense"),
+    ],
+)
 def test_list(family: str, expected: str) -> None:
     result = runner.invoke(app, ["list", family])
     assert result.exit_code == 0 and expected in result.output
@@ -150,8 +174,16 @@ def test_builtin_quickstart_is_valid() -> None:
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["quickstart", "mnist-fedsgd", "cifar10-fedsgd",
-                                  "pneumonia-12-hospitals", "heart-disease-sites"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "quickstart",
+        "mnist-fedsgd",
+        "cifar10-fedsgd",
+        "pneumonia-12-hospitals",
+        "heart-disease-sites",
+    ],
+)
 def test_ready_scenarios_validate(name: str, shared_data_dir: Path) -> None:
     from gradaudit.config import load_scenario
 

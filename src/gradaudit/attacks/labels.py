@@ -100,20 +100,38 @@ def dummy_inputs(task: TaskInfo, count: int, rng: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def output_statistics(
-    model: nn.Module, task: TaskInfo, rng: torch.Generator, *, samples: int = 256
+    model: nn.Module,
+    task: TaskInfo,
+    rng: torch.Generator,
+    *,
+    samples: int = 256,
+    batch_size: int | None = None,
+    train_mode: bool = True,
 ) -> tuple[Tensor, float]:
-    """Mean softmax and mean feature-sum entering the head, over dummy inputs."""
+    """Mean softmax and mean feature-sum entering the head, over dummy inputs.
+
+    The dummies go through the model in the mode the client trained in, in batches of the
+    client's size, so BatchNorm normalises them the way it normalised the real batch.
+    """
     _, head = classifier_head(model)
     seen: list[Tensor] = []
     hook = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach()))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
+    chunk = max(batch_size or samples, 2 if train_mode else 1)
+    probs: list[Tensor] = []
     try:
-        probs = torch.softmax(model(dummy_inputs(task, samples, rng)), dim=1)
+        for start in range(0, samples, chunk):
+            x = dummy_inputs(task, min(chunk, samples - start), rng)
+            if train_mode and x.shape[0] < 2:
+                break
+            probs.append(torch.softmax(model(x), dim=1))
     finally:
         hook.remove()
+        model.load_state_dict(state)  # running statistics are not the attacker's to change
         model.train(was_training)
-    return probs.mean(dim=0), float(seen[0].sum(dim=1).mean())
+    return torch.cat(probs).mean(dim=0), float(torch.cat(seen).sum(dim=1).mean())
 
 
 def recover_labels(
@@ -124,6 +142,7 @@ def recover_labels(
     method: LabelMethod = "auto",
     rng: torch.Generator,
     samples: int = 256,
+    train_mode: bool = True,
 ) -> tuple[Tensor, str]:
     """Recover the multiset of `count` labels behind the target's update.
 
@@ -144,7 +163,9 @@ def recover_labels(
         if count != 1:
             raise ValueError("iDLG recovers the label of a single example; use bias or llg")
         return torch.tensor([idlg_label(weight_grad, bias_grad)]), "idlg"
-    probs, feature_sum = output_statistics(attacker, obs.task, rng, samples=samples)
+    probs, feature_sum = output_statistics(
+        attacker, obs.task, rng, samples=samples, batch_size=count, train_mode=train_mode
+    )
     if method == "bias":
         if bias_grad is None:
             raise ValueError("the classifier head has no bias; use llg")
@@ -162,7 +183,10 @@ class LabelRecoveryParams(BaseModel):
     method: LabelMethod = Field(
         "auto", description="idlg at batch 1; bias (head bias gradient) or llg (weights) above"
     )
-    dummy_samples: int = Field(256, ge=1, description="dummy inputs for the softmax estimate")
+    dummy_samples: int = Field(128, ge=1, description="dummy inputs for the softmax estimate")
+    client_mode: Literal["train", "eval"] = Field(
+        "train", description="the mode the client computed its update in (BatchNorm statistics)"
+    )
 
 
 class LabelRecoveryAttack:
@@ -186,12 +210,16 @@ class LabelRecoveryAttack:
             return reason
         if not obs.side_info.get("architecture"):
             return "the adversary does not know the model architecture"
-        if update.kind == "delta" and "local_hyperparameters" not in obs.side_info:
-            if self.params.method != "idlg" and update.num_examples > 1:
-                return (
-                    "counting labels from a FedAvg model change needs the local "
-                    "hyperparameters (grant 'local_hyperparameters' in threat.knows)"
-                )
+        if (
+            update.kind == "delta"
+            and "local_hyperparameters" not in obs.side_info
+            and self.params.method != "idlg"
+            and update.num_examples > 1
+        ):
+            return (
+                "counting labels from a FedAvg model change needs the local "
+                "hyperparameters (grant 'local_hyperparameters' in threat.knows)"
+            )
         return None
 
     def run(
@@ -216,6 +244,7 @@ class LabelRecoveryAttack:
             method=self.params.method,
             rng=rng,
             samples=self.params.dummy_samples,
+            train_mode=self.params.client_mode == "train",
         )
         if progress is not None:
             progress(1, 1)

@@ -9,12 +9,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
 
-from gradaudit.audit.io import atomic_write_bytes  # noqa: E402
+from gradaudit.audit.io import atomic_write_bytes
 
 
 def _to_hwc(image: Tensor) -> np.ndarray:
@@ -30,8 +30,13 @@ def comparison_png(true: Tensor, reconstructed: Tensor, *, max_images: int = 16)
     for i in range(n):
         for row, batch in enumerate((true, reconstructed)):
             ax = axes[row][i]
-            ax.imshow(_to_hwc(batch[i]), cmap="gray" if gray else None, vmin=0, vmax=1,
-                      interpolation="nearest")
+            ax.imshow(
+                _to_hwc(batch[i]),
+                cmap="gray" if gray else None,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].set_ylabel("true", fontsize=9)

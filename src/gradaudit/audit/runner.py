@@ -62,9 +62,11 @@ class AuditHooks:
 
 
 def scenario_key(scenario: Scenario) -> str:
-    """A hash of the resolved scenario; cached partial results are reused only under the same key."""
+    """A hash of the resolved scenario; cached partial results are reused only under it."""
     text = json.dumps(scenario.to_dict(), sort_keys=True)
-    return hashlib.sha256(f"{SCHEMA_VERSION}:{gradaudit.__version__}:{text}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{SCHEMA_VERSION}:{gradaudit.__version__}:{text}".encode()).hexdigest()[
+        :16
+    ]
 
 
 def versions() -> dict[str, str]:
@@ -153,7 +155,9 @@ def run_audit(
         cached = partial / f"attack_{index}.json"
         if resume and cached.is_file():
             entry = read_json(cached, what="cached attack result")
-            logger.info("attack %d (%s): reusing the finished result in %s", index, spec.kind, cached)
+            logger.info(
+                "attack %d (%s): reusing the finished result in %s", index, spec.kind, cached
+            )
             attack_entries.append(entry)
             continue
         attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
@@ -179,7 +183,7 @@ def run_audit(
         "federation": {
             "engine": fed.engine,
             "num_clients": scenario.data.num_clients,
-            "client_sizes": [int(len(c)) for c in clients],
+            "client_sizes": [len(c) for c in clients],
             "rounds": [
                 {
                     "round": r.round,

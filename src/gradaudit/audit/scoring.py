@@ -34,7 +34,8 @@ def score_reconstruction(
     if rec.images is not None and true_images is not None:
         if rec.images.shape != true_images.shape:
             raise ValueError(
-                f"reconstructed {tuple(rec.images.shape)} but the truth is {tuple(true_images.shape)}"
+                f"reconstructed {tuple(rec.images.shape)} but the truth is "
+                f"{tuple(true_images.shape)}"
             )
         perm = match_reconstructions(rec.images, true_images)
         matched = rec.images[perm]

@@ -22,7 +22,9 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> TensorDict:
         acc = torch.zeros_like(first, dtype=torch.float64)
         for update in updates:
             acc += update.tensors[key].to(torch.float64) * (update.num_examples / total)
-        out[key] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
+        out[key] = (
+            acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
+        )
     return out
 
 

@@ -195,7 +195,9 @@ def run_federation(
         for plan, update_tensors in zip(plans, tensors, strict=True):
             update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, plan.num_examples)
             for transform in client_transforms:
-                update = transform(update, rng=torch_generator(seed, "defense", rnd, plan.client_id))
+                update = transform(
+                    update, rng=torch_generator(seed, "defense", rnd, plan.client_id)
+                )
             updates.append(update)
         if plans:
             client_seconds.append((time.perf_counter() - started) / len(plans))

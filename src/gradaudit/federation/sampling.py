@@ -19,7 +19,8 @@ def sample_clients(
     empty) when `sample_rate` is set; otherwise every client.
 
     Example:
-        >>> sample_clients(5, clients_per_round=None, sample_rate=None, rng=np.random.default_rng(0))
+        >>> rng = np.random.default_rng(0)
+        >>> sample_clients(5, clients_per_round=None, sample_rate=None, rng=rng)
         array([0, 1, 2, 3, 4])
     """
     if clients_per_round is not None:

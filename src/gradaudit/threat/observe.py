@@ -130,7 +130,9 @@ def observe_batch(
     grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
     after = model.state_dict()
     tensors = {k: after[k].detach() - state[k] for k in state}
-    tensors.update({n: g.detach() for (n, _), g in zip(model.named_parameters(), grads, strict=True)})
+    tensors.update(
+        {n: g.detach() for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+    )
     model.load_state_dict(state)
     model.train(was_training)
     update = ClientUpdate(client, 1, "gradient", tensors, int(x.shape[0]))

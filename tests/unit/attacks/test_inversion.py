@@ -35,8 +35,13 @@ def test_total_variation_of_a_step_edge() -> None:
 def test_batch_one_reconstruction_is_close(digits) -> None:
     model = build_model("mlp", {"hidden": [64]}, digits.info, generator=torch_generator(0, "m"))
     idx = torch.tensor([5])
-    obs = observe_batch(model, digits.x_train[idx], digits.y_train[idx], digits.info,
-                        knows=("architecture", "labels"))
+    obs = observe_batch(
+        model,
+        digits.x_train[idx],
+        digits.y_train[idx],
+        digits.info,
+        knows=("architecture", "labels"),
+    )
     attack = InvertingGradientsAttack(InvertingGradientsParams(iterations=400, tv_weight=0.0))
     result = attack.run(obs, model, rng=torch_generator(0, "a"))
     assert result.status == "ok"
@@ -45,8 +50,9 @@ def test_batch_one_reconstruction_is_close(digits) -> None:
 
 
 def test_batch_four_with_recovered_labels(digits) -> None:
-    model = build_model("mlp", {"hidden": [128, 128]}, digits.info,
-                        generator=torch_generator(0, "m"))
+    model = build_model(
+        "mlp", {"hidden": [128, 128]}, digits.info, generator=torch_generator(0, "m")
+    )
     idx = torch.tensor([3, 17, 42, 99])
     obs = observe_batch(model, digits.x_train[idx], digits.y_train[idx], digits.info)
     attack = InvertingGradientsAttack(InvertingGradientsParams(iterations=800, tv_weight=0.01))

@@ -29,13 +29,17 @@ def _attack(method: str = "auto") -> LabelRecoveryAttack:
     return LabelRecoveryAttack(LabelRecoveryParams(method=method))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kind", "params"), [("mlp", {"hidden": [64]}), ("lenet", {}),
-                                              ("mlp", {"hidden": [32], "activation": "sigmoid"})])
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("mlp", {"hidden": [64]}), ("lenet", {}), ("mlp", {"hidden": [32], "activation": "sigmoid"})],
+)
 def test_idlg_exact_at_batch_one(digits, kind, params) -> None:
     model = build_model(kind, params, digits.info, generator=torch_generator(1, "m"))
     rng = np.random.default_rng(0)
     for i in rng.choice(len(digits.y_train), size=20, replace=False):
-        obs = observe_batch(model, digits.x_train[i : i + 1], digits.y_train[i : i + 1], digits.info)
+        obs = observe_batch(
+            model, digits.x_train[i : i + 1], digits.y_train[i : i + 1], digits.info
+        )
         result = _attack().run(obs, model, rng=torch_generator(0, "a"))
         assert result.status == "ok" and result.details["method"] == "idlg"
         assert result.reconstruction.labels.tolist() == [int(digits.y_train[i])]

@@ -40,7 +40,9 @@ def test_unknown_top_level_key() -> None:
 
 
 def test_bad_value_names_field_and_value() -> None:
-    with pytest.raises(ConfigError, match=r"federation\.rounds: .*greater than or equal to 1.*got 0"):
+    with pytest.raises(
+        ConfigError, match=r"federation\.rounds: .*greater than or equal to 1.*got 0"
+    ):
         build_scenario({**MINIMAL, "federation": {"rounds": 0}})
 
 
@@ -50,15 +52,20 @@ def test_unknown_component_lists_known_ones() -> None:
 
 
 def test_component_params_validated_with_path() -> None:
-    raw = {**MINIMAL, "attacks": [{"kind": "label_recovery"}, {"kind": "inverting_gradients",
-                                                               "params": {"iteratons": 5}}]}
+    raw = {
+        **MINIMAL,
+        "attacks": [
+            {"kind": "label_recovery"},
+            {"kind": "inverting_gradients", "params": {"iteratons": 5}},
+        ],
+    }
     with pytest.raises(ConfigError, match=r"attacks\[1\]\.params\.iteratons: unknown key"):
         build_scenario(raw)
 
 
 def test_target_must_exist() -> None:
     raw = {**MINIMAL, "threat": {"target": {"round": 3}}}
-    with pytest.raises(ConfigError, match="federation.rounds is 1"):
+    with pytest.raises(ConfigError, match=r"federation\.rounds is 1"):
         build_scenario(raw)
 
 
@@ -71,8 +78,12 @@ def test_scenario_is_frozen() -> None:
 def test_overrides_parse_yaml_values_and_lists() -> None:
     raw = apply_overrides(
         {**MINIMAL, "attacks": [{"kind": "label_recovery"}]},
-        ["federation.rounds=3", "model.params.hidden=[32, 16]", "attacks[0].params.method=bias",
-         "seed=7"],
+        [
+            "federation.rounds=3",
+            "model.params.hidden=[32, 16]",
+            "attacks[0].params.method=bias",
+            "seed=7",
+        ],
     )
     scenario = build_scenario(raw)
     assert scenario.federation.rounds == 3
@@ -95,7 +106,7 @@ def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["", "- a\n- b\n"])
 def test_empty_or_non_mapping_file(tmp_path: Path, text: str) -> None:
-    with pytest.raises(ConfigError, match="s.yaml"):
+    with pytest.raises(ConfigError, match=r"s\.yaml"):
         load_scenario(_write(tmp_path, text))
 
 

@@ -22,8 +22,15 @@ def digits():
 
 def _plans(indices, algorithm, *, batch_size, epochs=None, steps=None):
     return [
-        plan_local_batches(c, idx, algorithm=algorithm, batch_size=batch_size, epochs=epochs,
-                           steps=steps, rng=numpy_rng(0, "local", c))
+        plan_local_batches(
+            c,
+            idx,
+            algorithm=algorithm,
+            batch_size=batch_size,
+            epochs=epochs,
+            steps=steps,
+            rng=numpy_rng(0, "local", c),
+        )
         for c, idx in enumerate(indices)
     ]
 
@@ -46,10 +53,12 @@ def test_vectorised_equals_loop(digits, kind, params, algorithm, epochs, steps) 
     indices = [order[:13], order[13:40], order[40:45], order[45:90]]
     plans = _plans(indices, algorithm, batch_size=8, epochs=epochs, steps=steps)
     # Execute
-    loop = train_clients_loop(model, state, digits.x_train, digits.y_train, plans,
-                              algorithm=algorithm, lr=0.1)
-    vec = train_clients_vectorised(model, state, digits.x_train, digits.y_train, plans,
-                                   algorithm=algorithm, lr=0.1)
+    loop = train_clients_loop(
+        model, state, digits.x_train, digits.y_train, plans, algorithm=algorithm, lr=0.1
+    )
+    vec = train_clients_vectorised(
+        model, state, digits.x_train, digits.y_train, plans, algorithm=algorithm, lr=0.1
+    )
     # Assert
     for a, b in zip(loop, vec, strict=True):
         assert a.keys() == b.keys() == state.keys()
@@ -59,18 +68,27 @@ def test_vectorised_equals_loop(digits, kind, params, algorithm, epochs, steps) 
 
 def test_fedavg_plan_epochs_and_steps() -> None:
     rng = np.random.default_rng(0)
-    plan = plan_local_batches(0, np.arange(10), algorithm="fedavg", batch_size=4, epochs=2,
-                              steps=None, rng=rng)
+    plan = plan_local_batches(
+        0, np.arange(10), algorithm="fedavg", batch_size=4, epochs=2, steps=None, rng=rng
+    )
     assert [len(s) for s in plan.steps] == [4, 4, 2, 4, 4, 2]
     assert plan.num_examples == 10
-    plan = plan_local_batches(0, np.arange(10), algorithm="fedavg", batch_size=4, epochs=None,
-                              steps=5, rng=rng)
+    plan = plan_local_batches(
+        0, np.arange(10), algorithm="fedavg", batch_size=4, epochs=None, steps=5, rng=rng
+    )
     assert len(plan.steps) == 5
 
 
 def test_fedsgd_plan_is_one_batch_without_repeats() -> None:
-    plan = plan_local_batches(3, np.arange(100, 110), algorithm="fedsgd", batch_size=4,
-                              epochs=None, steps=None, rng=np.random.default_rng(0))
+    plan = plan_local_batches(
+        3,
+        np.arange(100, 110),
+        algorithm="fedsgd",
+        batch_size=4,
+        epochs=None,
+        steps=None,
+        rng=np.random.default_rng(0),
+    )
     assert len(plan.steps) == 1 and len(set(plan.steps[0].tolist())) == 4
     assert plan.num_examples == 4
 
@@ -79,24 +97,32 @@ def test_sampling_fixed_poisson_and_dropout() -> None:
     rng = np.random.default_rng(0)
     fixed = sample_clients(10, clients_per_round=3, sample_rate=None, rng=rng)
     assert len(fixed) == 3 and len(set(fixed.tolist())) == 3
-    sizes = [len(sample_clients(1000, clients_per_round=None, sample_rate=0.1, rng=rng))
-             for _ in range(20)]
+    sizes = [
+        len(sample_clients(1000, clients_per_round=None, sample_rate=0.1, rng=rng))
+        for _ in range(20)
+    ]
     assert 80 < np.mean(sizes) < 120
     survivors, dropped = drop_clients(np.arange(1000), dropout_rate=0.3, rng=rng)
     assert len(survivors) + len(dropped) == 1000 and 250 < len(dropped) < 350
 
 
 def _run(digits, spec: FederationSpec, seed: int = 0, model_kind: str = "mlp"):
-    clients = partition_dataset("iid", {}, digits.y_train.numpy(), 4, rng=numpy_rng(seed, "p"),
-                                groups=None)
-    model = build_model(model_kind, {"hidden": [32]} if model_kind == "mlp" else {"depth": 8}, digits.info,
-                        generator=torch_generator(seed, "model"))
+    clients = partition_dataset(
+        "iid", {}, digits.y_train.numpy(), 4, rng=numpy_rng(seed, "p"), groups=None
+    )
+    model = build_model(
+        model_kind,
+        {"hidden": [32]} if model_kind == "mlp" else {"depth": 8},
+        digits.info,
+        generator=torch_generator(seed, "model"),
+    )
     return run_federation(model, digits, clients, spec, seed=seed, capture_rounds={2})
 
 
 def test_fedavg_learns_and_is_reproducible(digits) -> None:
-    spec = FederationSpec(algorithm="fedavg", rounds=3, local={"epochs": 1, "batch_size": 16,
-                                                                "lr": 0.1})
+    spec = FederationSpec(
+        algorithm="fedavg", rounds=3, local={"epochs": 1, "batch_size": 16, "lr": 0.1}
+    )
     first = _run(digits, spec)
     second = _run(digits, spec)
     accuracy = [r.test_accuracy for r in first.rounds]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -14,12 +15,13 @@ from torch import Tensor, nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
+    classifier_head,
     gradient_estimate,
     not_applicable,
     target_update,
 )
-from gradaudit.attacks.labels import LabelMethod, recover_labels
-from gradaudit.types import AttackResult, Observation, Reconstruction
+from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
+from gradaudit.types import AttackResult, Observation, Reconstruction, TaskInfo
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,40 @@ def cosine_distance(grads: Sequence[Tensor], target: Sequence[Tensor], target_sq
     return 1.0 - dot / (norm_sq.sqrt() * target_sq.sqrt() + 1e-12)
 
 
+def head_input_from_gradient(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
+    """The input of a linear layer, recovered exactly from its gradient for a single example.
+
+    For one example, ``dL/dW = (dL/db) h^T``, so every row with a non-zero bias gradient is a
+    multiple of the input ``h``; the least-squares combination over all rows is
+    ``h = sum_c g_b[c] g_W[c] / sum_c g_b[c]^2`` (Phong et al. 2017; Geiping et al. 2020, §3).
+
+    Example:
+        >>> h = torch.tensor([1.0, 2.0, 3.0]); gb = torch.tensor([0.5, -0.5])
+        >>> head_input_from_gradient(gb[:, None] * h[None, :], gb).tolist()
+        [1.0, 2.0, 3.0]
+    """
+    return (bias_grad[:, None] * weight_grad).sum(dim=0) / bias_grad.pow(2).sum().clamp_min(1e-30)
+
+
+def mean_dummy_gradient(
+    model: nn.Module, labels: Tensor, task: TaskInfo, rng: torch.Generator, *, samples: int
+) -> list[Tensor]:
+    """The parameter gradient averaged over `samples` batches of dummy inputs with `labels`.
+
+    It estimates the part of the client's gradient that does not depend on its inputs (at
+    initialisation most of the deep layers' gradient is that part).
+    """
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    total = [torch.zeros_like(p) for p in params]
+    for _ in range(samples):
+        x = dummy_inputs(task, int(labels.shape[0]), rng)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), labels), params)
+        total = [t + g.detach() / samples for t, g in zip(total, grads, strict=True)]
+    model.load_state_dict(state)
+    return total
+
+
 class InvertingGradientsParams(BaseModel):
     """Parameters of `inverting_gradients`."""
 
@@ -55,12 +91,42 @@ class InvertingGradientsParams(BaseModel):
     signed: bool = Field(True, description="step on the sign of the image gradient")
     boxed: bool = Field(True, description="keep pixels inside [0, 1]")
     lr_decay: bool = Field(True, description="divide lr by 10 at 3/8, 5/8 and 7/8 of the run")
-    init: Literal["randn", "rand"] = Field("randn", description="initial guess distribution")
+    init: Literal["randn", "rand", "zeros"] = Field(
+        "randn", description="initial guess: normal noise, uniform pixels, or the mean image"
+    )
     label_method: LabelMethod = Field("auto", description="label recovery when labels are unknown")
+    center_samples: int = Field(
+        8,
+        ge=0,
+        description="dummy batches whose mean gradient is subtracted from both gradients before "
+        "the cosine (0 = plain Inverting Gradients)",
+    )
+    feature_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of matching the classifier's input features, recovered analytically "
+        "from the head's gradient (batch 1 only)",
+    )
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
     client_mode: Literal["train", "eval"] = Field(
         "train", description="the mode the client computed its update in (BatchNorm statistics)"
     )
+
+
+@dataclass(frozen=True)
+class _MatchingProblem:
+    """Everything one optimisation run needs, fixed for the whole attack."""
+
+    model: nn.Module
+    labels: Tensor
+    shape: tuple[int, ...]
+    lo: Tensor
+    hi: Tensor
+    target: list[Tensor]
+    target_sq: Tensor
+    center: list[Tensor] | None
+    head: nn.Linear
+    feature_target: Tensor | None
 
 
 class InvertingGradientsAttack:
@@ -74,6 +140,15 @@ class InvertingGradientsAttack:
     Geiping, Bauermeister, Dröge & Moeller, "Inverting Gradients - How easy is it to break
     privacy in federated learning?", NeurIPS 2020.
     Threat model: an honest-but-curious server that sees the individual update.
+
+    Note:
+        Two refinements of ours, both on by parameter and measured in docs/BENCHMARKS.md.
+        *Centring* (``center_samples``): at initialisation the deep layers' gradient barely
+        depends on the input yet carries most of the norm, so the plain cosine mostly compares
+        uninformative coordinates. Subtracting the mean gradient of dummy inputs with the same
+        labels from both sides keeps the optimum (the true input still matches exactly) and lets
+        the informative early layers steer. *Feature matching* (``feature_weight``, batch 1):
+        the classifier's input is recovered exactly from its gradient and matched too.
     """
 
     name: ClassVar[str] = "inverting_gradients"
@@ -87,7 +162,10 @@ class InvertingGradientsAttack:
         if update is None:
             return reason
         if obs.task.modality != "image" or obs.task.normalization is None:
-            return f"inverting_gradients reconstructs images; {obs.task.dataset} is {obs.task.modality}"
+            return (
+                f"inverting_gradients reconstructs images; {obs.task.dataset} is "
+                f"{obs.task.modality}"
+            )
         if not obs.side_info.get("architecture"):
             return "the adversary does not know the model architecture"
         if update.num_examples > self.params.max_images:
@@ -110,45 +188,38 @@ class InvertingGradientsAttack:
         if reason is not None:
             return not_applicable(self.name, obs, reason)
         started = time.perf_counter()
+        p = self.params
         update, _ = target_update(obs)
         assert update is not None and obs.task.normalization is not None
         count = update.num_examples
+        train_mode = p.client_mode == "train"
         granted = obs.side_info.get("labels")
         if isinstance(granted, Tensor):
             labels, label_source = granted.clone(), "granted by the threat model"
         else:
             labels, method = recover_labels(
-                obs, model, count=count, method=self.params.label_method, rng=rng
+                obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
             )
             label_source = f"recovered ({method})"
         grads, grad_source = gradient_estimate(update, obs)
-        attacker = attacker_model(model, obs)
-        attacker.train(self.params.client_mode == "train")
-        names = [n for n, _ in attacker.named_parameters()]
-        target = [grads[n].detach() for n in names]
-        norm = obs.task.normalization
-        shape = (count, *obs.task.input_shape)
-        lo = norm.normalize(torch.zeros(1, *obs.task.input_shape))
-        hi = norm.normalize(torch.ones(1, *obs.task.input_shape))
-        deadline = started + self.params.max_seconds if self.params.max_seconds else None
-
-        total = self.params.iterations * self.params.restarts
+        problem = self._problem(obs, model, grads, labels, train_mode, rng)
+        deadline = started + p.max_seconds if p.max_seconds else None
+        total = p.iterations * p.restarts
         best_x, best_cost = None, float("inf")
         trace: list[tuple[int, float, float]] = []
         done = 0
-        for restart in range(self.params.restarts):
+        for restart in range(p.restarts):
             x, cost, steps = self._optimise(
-                attacker, target, labels, shape, lo, hi, rng, deadline, started, trace, done,
-                progress, total,
+                problem, rng, deadline, started, trace, done, progress, total
             )
             done += steps
-            logger.info("inverting_gradients restart %d: objective %.5f", restart, cost)
+            logger.info("inverting_gradients restart %d: objective %.6f", restart, cost)
             if cost < best_cost:
                 best_x, best_cost = x, cost
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         assert best_x is not None
-        images = norm.denormalize(best_x).clamp(0.0, 1.0)
+        images = obs.task.normalization.denormalize(best_x).clamp(0.0, 1.0)
         return AttackResult(
             self.name,
             obs.round,
@@ -165,19 +236,54 @@ class InvertingGradientsAttack:
                 "gradient": grad_source,
                 "iterations_run": done,
                 "objective": best_cost,
-                "recipe": self.params.model_dump(),
+                "centred": problem.center is not None,
+                "feature_target": problem.feature_target is not None,
+                "recipe": p.model_dump(),
             },
             trace=tuple(trace),
         )
 
+    def _problem(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        grads: dict[str, Tensor],
+        labels: Tensor,
+        train_mode: bool,
+        rng: torch.Generator,
+    ) -> _MatchingProblem:
+        p = self.params
+        assert obs.task.normalization is not None
+        attacker = attacker_model(model, obs)
+        attacker.train(train_mode)
+        names = [n for n, _ in attacker.named_parameters()]
+        target = [grads[n].detach() for n in names]
+        center = None
+        if p.center_samples > 0:
+            center = mean_dummy_gradient(attacker, labels, obs.task, rng, samples=p.center_samples)
+            target = [t - c for t, c in zip(target, center, strict=True)]
+        head_name, head = classifier_head(attacker)
+        feature_target = None
+        bias_grad = grads.get(f"{head_name}.bias")
+        if labels.shape[0] == 1 and p.feature_weight > 0 and bias_grad is not None:
+            feature_target = head_input_from_gradient(grads[f"{head_name}.weight"], bias_grad)
+        norm = obs.task.normalization
+        return _MatchingProblem(
+            model=attacker,
+            labels=labels,
+            shape=(int(labels.shape[0]), *obs.task.input_shape),
+            lo=norm.normalize(torch.zeros(1, *obs.task.input_shape)),
+            hi=norm.normalize(torch.ones(1, *obs.task.input_shape)),
+            target=target,
+            target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
+            center=center,
+            head=head,
+            feature_target=feature_target,
+        )
+
     def _optimise(
         self,
-        model: nn.Module,
-        target: list[Tensor],
-        labels: Tensor,
-        shape: tuple[int, ...],
-        lo: Tensor,
-        hi: Tensor,
+        problem: _MatchingProblem,
         rng: torch.Generator,
         deadline: float | None,
         started: float,
@@ -186,46 +292,63 @@ class InvertingGradientsAttack:
         progress: ProgressFn | None,
         total: int,
     ) -> tuple[Tensor, float, int]:
-        p = self.params
+        """One restart: returns the best candidate seen, its objective, and the steps run."""
+        p, lo, hi = self.params, problem.lo, problem.hi
         if p.init == "randn":
-            x = torch.randn(shape, generator=rng)
+            x = torch.randn(problem.shape, generator=rng)
+        elif p.init == "zeros":
+            x = torch.zeros(problem.shape) + 1e-3 * torch.randn(problem.shape, generator=rng)
         else:
-            x = lo + (hi - lo) * torch.rand(shape, generator=rng)
+            x = lo + (hi - lo) * torch.rand(problem.shape, generator=rng)
         if p.boxed:
             x = torch.max(torch.min(x, hi), lo)
         x.requires_grad_(True)
         optimiser = torch.optim.Adam([x], lr=p.lr)
-        milestones = [int(p.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimiser, milestones=milestones if p.lr_decay else [], gamma=0.1
-        )
-        params = list(model.parameters())
-        target_sq = torch.stack([t.pow(2).sum() for t in target]).sum()
+        milestones = [int(p.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if p.lr_decay else []
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+        params = list(problem.model.parameters())
+        features: list[Tensor] = []
+        hook = None
+        if problem.feature_target is not None:
+            feature_sq = problem.feature_target.pow(2).sum().clamp_min(1e-30)
+            hook = problem.head.register_forward_hook(
+                lambda _m, inputs, _o: features.append(inputs[0])
+            )
         best_x, best_cost = x.detach().clone(), float("inf")
         every = max(1, p.iterations // 200)
         step = 0
-        for step in range(1, p.iterations + 1):
-            optimiser.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), labels)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            match = cosine_distance(grads, target, target_sq)
-            objective = match + p.tv_weight * total_variation(x) if p.tv_weight else match
-            (x.grad,) = torch.autograd.grad(objective, [x])
-            cost = float(match.detach())
-            if cost < best_cost:
-                best_cost, best_x = cost, x.detach().clone()
-            if p.signed:
-                x.grad.sign_()
-            optimiser.step()
-            scheduler.step()
-            if p.boxed:
-                with torch.no_grad():
-                    x.data = torch.max(torch.min(x, hi), lo)
-            out_of_time = deadline is not None and time.perf_counter() >= deadline
-            if step == 1 or step % every == 0 or step == p.iterations or out_of_time:
-                trace.append((offset + step, time.perf_counter() - started, cost))
-            if progress is not None:
-                progress(offset + step, total)
-            if out_of_time:
-                break
+        try:
+            for step in range(1, p.iterations + 1):
+                features.clear()
+                loss = nn.functional.cross_entropy(problem.model(x), problem.labels)
+                grads = list(torch.autograd.grad(loss, params, create_graph=True))
+                if problem.center is not None:
+                    grads = [g - c for g, c in zip(grads, problem.center, strict=True)]
+                objective = cosine_distance(grads, problem.target, problem.target_sq)
+                if p.tv_weight:
+                    objective = objective + p.tv_weight * total_variation(x)
+                if problem.feature_target is not None:
+                    mismatch = (features[0].reshape(-1) - problem.feature_target).pow(2).sum()
+                    objective = objective + p.feature_weight * mismatch / feature_sq
+                (x.grad,) = torch.autograd.grad(objective, [x])
+                cost = float(objective.detach())
+                if cost < best_cost:
+                    best_cost, best_x = cost, x.detach().clone()
+                if p.signed:
+                    x.grad.sign_()
+                optimiser.step()
+                scheduler.step()
+                if p.boxed:
+                    with torch.no_grad():
+                        x.data = torch.max(torch.min(x, hi), lo)
+                out_of_time = deadline is not None and time.perf_counter() >= deadline
+                if step == 1 or step % every == 0 or step == p.iterations or out_of_time:
+                    trace.append((offset + step, time.perf_counter() - started, cost))
+                if progress is not None:
+                    progress(offset + step, total)
+                if out_of_time:
+                    break
+        finally:
+            if hook is not None:
+                hook.remove()
         return best_x, best_cost, step

@@ -44,7 +44,8 @@ def load_report(out_dir: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in report]
     if missing:
         raise GradauditError(
-            f"{out_dir / 'report.json'}: not a gradaudit report (missing keys: {', '.join(missing)})"
+            f"{out_dir / 'report.json'}: not a gradaudit report "
+            f"(missing keys: {', '.join(missing)})"
         )
     if report["schema"] != 1:
         raise GradauditError(
