@@ -87,7 +87,7 @@ class InvertingGradientsParams(BaseModel):
     max_seconds: float | None = Field(None, gt=0, description="wall-clock budget for all restarts")
     restarts: int = Field(1, ge=1, description="independent initialisations; the best is kept")
     lr: float = Field(0.1, gt=0, description="Adam step size")
-    tv_weight: float = Field(0.05, ge=0, description="weight of the total-variation prior")
+    tv_weight: float = Field(0.01, ge=0, description="weight of the total-variation prior")
     signed: bool = Field(True, description="step on the sign of the image gradient")
     boxed: bool = Field(True, description="keep pixels inside [0, 1]")
     lr_decay: bool = Field(True, description="divide lr by 10 at 3/8, 5/8 and 7/8 of the run")
