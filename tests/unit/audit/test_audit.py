@@ -1,0 +1,111 @@
+"""The audit runner, scoring, risk levels and report rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradaudit.attacks.inversion.image import InvertingGradientsAttack
+from gradaudit.audit.io import atomic_write_json
+from gradaudit.audit.render import load_report
+from gradaudit.audit.risk import assess
+from gradaudit.audit.runner import run_audit
+from gradaudit.audit.scoring import score_reconstruction
+from gradaudit.config import build_scenario
+from gradaudit.errors import GradauditError
+from gradaudit.types import Reconstruction
+
+BASE = {
+    "name": "unit",
+    "data": {"dataset": "digits", "num_clients": 3},
+    "model": {"kind": "mlp", "params": {"hidden": [16]}},
+    "federation": {"rounds": 1, "local": {"batch_size": 2}},
+}
+
+
+def test_an_attack_that_raises_is_reported_as_failed(tmp_path: Path, monkeypatch) -> None:
+    def broken(self, obs, model, *, rng, progress=None):
+        raise RuntimeError("numerical blow-up")
+
+    monkeypatch.setattr(InvertingGradientsAttack, "run", broken)
+    scenario = build_scenario(
+        {**BASE, "attacks": [{"kind": "inverting_gradients"}, {"kind": "label_recovery"}]}
+    )
+    report = run_audit(scenario, tmp_path)
+    failed, labels = report["attacks"]
+    assert failed["status"] == "failed" and "numerical blow-up" in failed["reason"]
+    assert labels["status"] == "ok"  # one failure does not stop the others
+    assert any("failed" in f for f in report["risk"]["findings"])
+
+
+def test_target_that_did_not_take_part_is_not_applicable(tmp_path: Path) -> None:
+    raw = {
+        **BASE,
+        "federation": {"rounds": 1, "clients_per_round": 1},
+        "attacks": [{"kind": "label_recovery"}],
+    }
+    for client in range(3):  # exactly one of the three clients is sampled
+        raw["threat"] = {"target": {"round": 1, "client": client}}
+        report = run_audit(build_scenario(raw), tmp_path / str(client))
+        sampled = report["federation"]["rounds"][0]["sampled"]
+        entry = report["attacks"][0]
+        if client in sampled:
+            assert entry["status"] == "ok"
+        else:
+            assert entry["status"] == "not_applicable"
+            assert entry["reason"] == f"client {client} sent no update in round 1"
+
+
+def test_scoring_matches_order_and_rejects_shape_mismatch() -> None:
+    truth = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    shuffled = truth[[2, 0, 1]]
+    metrics, perm = score_reconstruction(
+        Reconstruction(images=shuffled, labels=torch.tensor([1, 2, 2])),
+        truth,
+        torch.tensor([2, 1, 2]),
+    )
+    assert perm.tolist() == [1, 2, 0]
+    assert metrics["psnr"] == 100.0 and metrics["ssim"] == pytest.approx(1.0)
+    assert metrics["label_accuracy"] == 1.0 and metrics["labels_exact"] == 1.0
+    with pytest.raises(ValueError, match="reconstructed"):
+        score_reconstruction(Reconstruction(images=truth[:2]), truth, torch.tensor([0, 0, 0]))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "level"),
+    [
+        ({"psnr": 25.0, "ssim": 0.8}, "high"),
+        ({"psnr": 12.0, "ssim": 0.6}, "high"),
+        ({"psnr": 16.0, "ssim": 0.3}, "medium"),
+        ({"psnr": 10.0, "ssim": 0.1}, "low"),
+        ({"label_accuracy": 0.95}, "medium"),
+        ({"label_accuracy": 0.5}, "low"),
+    ],
+)
+def test_risk_levels(metrics: dict, level: str) -> None:
+    item = {"attack": "a", "status": "ok", "client": 0, "round": 1, "metrics": metrics}
+    assert assess([item])["level"] == level
+
+
+def test_load_report_rejects_foreign_json(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "report.json", {"schema": 1})
+    with pytest.raises(GradauditError, match="missing keys"):
+        load_report(tmp_path)
+    atomic_write_json(
+        tmp_path / "report.json",
+        {k: {} for k in ("scenario", "utility", "attacks", "risk", "threat")} | {"schema": 9},
+    )
+    with pytest.raises(GradauditError, match="schema 9"):
+        load_report(tmp_path)
+
+
+def test_atomic_write_refuses_nan_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"ok": 1})
+    with pytest.raises(ValueError):
+        atomic_write_json(path, {"bad": float("nan")})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
