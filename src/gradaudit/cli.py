@@ -180,7 +180,10 @@ def _summarise(report: dict, target: Path) -> None:  # type: ignore[type-arg]
             metrics or (item["reason"] or ""),
             f"{item['seconds']:.1f}",
         )
-    out.print(table)
+    if report["attacks"]:
+        out.print(table)
+    else:
+        out.print("no attacks configured: utility only")
     out.print(f"final test accuracy: {report['utility']['final_test_accuracy']:.4f}")
     for finding in report["risk"]["findings"]:
         out.print(f" • {finding}", highlight=False)
