@@ -14,6 +14,7 @@ import json
 import time
 
 from _common import machine
+
 from gradaudit.config import FederationSpec
 from gradaudit.data import load_dataset, partition_dataset
 from gradaudit.federation import run_federation
