@@ -53,6 +53,11 @@ class LocalSpec(Spec):
     lr: float = Field(0.1, gt=0)
     epochs: int | None = Field(None, ge=1)
     steps: int | None = Field(None, ge=1)
+    batchnorm: Literal["train", "frozen"] = Field(
+        "train",
+        description="train: BatchNorm normalises with each local batch's statistics; frozen: "
+        "with the global model's running statistics, left unchanged (for small local batches)",
+    )
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> LocalSpec:

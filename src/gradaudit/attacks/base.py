@@ -69,6 +69,18 @@ def gradient_estimate(update: ClientUpdate, obs: Observation) -> tuple[dict[str,
     return {k: -v * scale for k, v in update.tensors.items()}, how
 
 
+def client_trains_batchnorm(obs: Observation, assumed: str) -> bool:
+    """Whether the client's BatchNorm used batch statistics (True) or running ones (False).
+
+    ``assumed`` is an attack's ``client_mode`` parameter: ``train`` or ``eval`` force the answer;
+    ``auto`` reads the granted local hyperparameters and otherwise assumes training mode.
+    """
+    if assumed != "auto":
+        return assumed == "train"
+    hyper = obs.side_info.get("local_hyperparameters")
+    return not (isinstance(hyper, dict) and hyper.get("batchnorm") == "frozen")
+
+
 def attacker_model(model: nn.Module, obs: Observation) -> nn.Module:
     """A private copy of the architecture holding the global model the server sent."""
     copy_ = copy.deepcopy(model)

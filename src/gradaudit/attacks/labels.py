@@ -14,6 +14,7 @@ from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
     classifier_head,
+    client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
     target_update,
@@ -184,8 +185,10 @@ class LabelRecoveryParams(BaseModel):
         "auto", description="idlg at batch 1; bias (head bias gradient) or llg (weights) above"
     )
     dummy_samples: int = Field(128, ge=1, description="dummy inputs for the softmax estimate")
-    client_mode: Literal["train", "eval"] = Field(
-        "train", description="the mode the client computed its update in (BatchNorm statistics)"
+    client_mode: Literal["auto", "train", "eval"] = Field(
+        "auto",
+        description="BatchNorm mode of the client's update: auto reads the granted local "
+        "hyperparameters, else assumes train",
     )
 
 
@@ -244,7 +247,7 @@ class LabelRecoveryAttack:
             method=self.params.method,
             rng=rng,
             samples=self.params.dummy_samples,
-            train_mode=self.params.client_mode == "train",
+            train_mode=client_trains_batchnorm(obs, self.params.client_mode),
         )
         if progress is not None:
             progress(1, 1)

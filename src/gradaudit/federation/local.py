@@ -89,6 +89,16 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def set_client_mode(model: nn.Module, *, batchnorm: str) -> None:
+    """Training mode for local steps; with ``batchnorm="frozen"`` BatchNorm layers run in eval
+    mode (global running statistics, not updated)."""
+    model.train()
+    if batchnorm == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def _state_split(model: nn.Module, state: TensorDict) -> tuple[TensorDict, TensorDict]:
     param_names = {name for name, _ in model.named_parameters()}
     params = {k: v for k, v in state.items() if k in param_names}
@@ -110,6 +120,7 @@ def train_clients_loop(
     *,
     algorithm: Algorithm,
     lr: float,
+    batchnorm: str = "train",
 ) -> list[TensorDict]:
     """Train each client in turn (plain PyTorch, works for every model, BatchNorm included).
 
@@ -121,7 +132,7 @@ def train_clients_loop(
     names = [name for name, _ in model.named_parameters()]
     for plan in plans:
         model.load_state_dict(global_state)
-        model.train()
+        set_client_mode(model, batchnorm=batchnorm)
         params = [p for _, p in model.named_parameters()]
         last_grads: tuple[Tensor, ...] = ()
         for idx in plan.steps:
@@ -172,6 +183,7 @@ def train_clients_vectorised(
     *,
     algorithm: Algorithm,
     lr: float,
+    batchnorm: str = "train",
 ) -> list[TensorDict]:
     """Train all clients of a round together with ``torch.func`` (functional_call + vmap + grad).
 

@@ -187,7 +187,16 @@ def run_federation(
         ]
         started = time.perf_counter()
         tensors = (
-            train(model, state, x, y, plans, algorithm=spec.algorithm, lr=spec.local.lr)
+            train(
+                model,
+                state,
+                x,
+                y,
+                plans,
+                algorithm=spec.algorithm,
+                lr=spec.local.lr,
+                batchnorm=spec.local.batchnorm,
+            )
             if plans
             else []
         )

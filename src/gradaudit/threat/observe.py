@@ -57,6 +57,7 @@ def observe(
             "batch_size": federation.local.batch_size,
             "epochs": federation.local.epochs,
             "steps": federation.local.steps,
+            "batchnorm": federation.local.batchnorm,
             "num_steps": len(plan.steps) if plan is not None else None,
         }
     aggregate = weighted_mean(capture.updates) if capture.updates else None
@@ -141,4 +142,11 @@ def observe_batch(
         side["labels"] = y.clone()
     if "batch_size" in knows:
         side["batch_size"] = int(x.shape[0])
+    if "local_hyperparameters" in knows:
+        side["local_hyperparameters"] = {
+            "algorithm": "fedsgd",
+            "batch_size": int(x.shape[0]),
+            "batchnorm": "train" if train_mode else "frozen",
+            "num_steps": 1,
+        }
     return Observation(1, client, state, (update,), None, side, task)

@@ -101,3 +101,17 @@ def test_idlg_cifar10_convnet_twenty_images(shared_data_dir) -> None:
         obs = observe_batch(model, cifar.x_test[i : i + 1], cifar.y_test[i : i + 1], cifar.info)
         result = _attack().run(obs, model, rng=torch_generator(0, "a"))
         assert result.reconstruction.labels.tolist() == [int(cifar.y_test[i])]
+
+
+def test_client_mode_auto_follows_granted_hyperparameters(digits) -> None:
+    from gradaudit.attacks.base import client_trains_batchnorm
+
+    model = build_model("mlp", {}, digits.info, generator=torch_generator(0, "m"))
+    x, y = digits.x_train[:2], digits.y_train[:2]
+    frozen = observe_batch(
+        model, x, y, digits.info, knows=("local_hyperparameters",), train_mode=False
+    )
+    hidden = observe_batch(model, x, y, digits.info, knows=(), train_mode=False)
+    assert client_trains_batchnorm(frozen, "auto") is False
+    assert client_trains_batchnorm(hidden, "auto") is True  # not granted: assume training mode
+    assert client_trains_batchnorm(hidden, "eval") is False

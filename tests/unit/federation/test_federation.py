@@ -149,3 +149,28 @@ def test_vectorised_engine_refuses_batchnorm(digits) -> None:
     spec = FederationSpec(engine="vectorised")
     with pytest.raises(ConfigError, match="BatchNorm"):
         _run(digits, spec, model_kind="resnet")
+
+
+def test_frozen_batchnorm_uses_and_keeps_global_statistics(digits) -> None:
+    model = build_model("resnet", {"depth": 8}, digits.info, generator=torch_generator(0, "m"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plans = _plans([np.arange(6)], "fedsgd", batch_size=6)
+    (update,) = train_clients_loop(
+        model,
+        state,
+        digits.x_train,
+        digits.y_train,
+        plans,
+        algorithm="fedsgd",
+        lr=0.1,
+        batchnorm="frozen",
+    )
+    buffers = {k for k in state if "running" in k or "num_batches" in k}
+    assert buffers and all(not update[k].any() for k in buffers)
+    # the gradient is the eval-mode gradient
+    model.eval()
+    idx = torch.as_tensor(plans[0].steps[0])
+    loss = torch.nn.functional.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    for (name, _), grad in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(update[name], grad)

@@ -16,6 +16,7 @@ from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
     classifier_head,
+    client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
     target_update,
@@ -108,8 +109,10 @@ class InvertingGradientsParams(BaseModel):
         "from the head's gradient (batch 1 only)",
     )
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
-    client_mode: Literal["train", "eval"] = Field(
-        "train", description="the mode the client computed its update in (BatchNorm statistics)"
+    client_mode: Literal["auto", "train", "eval"] = Field(
+        "auto",
+        description="BatchNorm mode of the client's update: auto reads the granted local "
+        "hyperparameters, else assumes train",
     )
 
 
@@ -192,7 +195,7 @@ class InvertingGradientsAttack:
         update, _ = target_update(obs)
         assert update is not None and obs.task.normalization is not None
         count = update.num_examples
-        train_mode = p.client_mode == "train"
+        train_mode = client_trains_batchnorm(obs, p.client_mode)
         granted = obs.side_info.get("labels")
         if isinstance(granted, Tensor):
             labels, label_source = granted.clone(), "granted by the threat model"
