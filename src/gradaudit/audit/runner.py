@@ -163,7 +163,7 @@ def run_audit(
         attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
         result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
-        entry = _entry(result, index, out_dir, true_images, true_labels)
+        entry = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
         atomic_write_json(cached, entry)
         attack_entries.append(entry)
 
@@ -261,6 +261,7 @@ def _entry(
     out_dir: Path,
     true_images: torch.Tensor | None,
     true_labels: torch.Tensor,
+    class_names: tuple[str, ...],
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "attack": result.attack,
@@ -280,8 +281,13 @@ def _entry(
     metrics, perm = score_reconstruction(rec, true_images, true_labels)
     entry["metrics"] = metrics
     if rec.labels is not None:
-        entry["details"]["recovered_labels"] = sorted(int(v) for v in rec.labels)
-        entry["details"]["true_labels"] = sorted(int(v) for v in true_labels)
+        recovered = sorted(int(v) for v in rec.labels)
+        truth = sorted(int(v) for v in true_labels)
+        entry["details"]["recovered_labels"] = recovered
+        entry["details"]["true_labels"] = truth
+        if class_names:
+            entry["details"]["recovered_label_names"] = [class_names[v] for v in recovered]
+            entry["details"]["true_label_names"] = [class_names[v] for v in truth]
     if rec.images is not None and true_images is not None and perm is not None:
         name = f"reconstructions/attack{index}_r{result.round}_c{result.client}.png"
         png = artifacts.comparison_png(true_images, rec.images[perm])
