@@ -8,7 +8,7 @@ import logging
 import platform
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from gradaudit.audit.risk import assess
 from gradaudit.audit.scoring import score_reconstruction
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
-from gradaudit.errors import GradauditError
 from gradaudit.federation import RoundRecord, run_federation
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng, torch_generator
@@ -43,7 +42,6 @@ class AuditHooks:
     on_stage: Any = None
     on_round: Any = None
     on_attack_progress: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def stage(self, text: str, total: int | None = None) -> None:
         """A new stage of the audit begins."""
@@ -164,7 +162,8 @@ def run_audit(
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
         result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
         entry = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
-        atomic_write_json(cached, entry)
+        if result.status != "failed":  # a failure is retried by the next run
+            atomic_write_json(cached, entry)
         attack_entries.append(entry)
 
     accuracy = [r.test_accuracy for r in fed.rounds]
@@ -228,7 +227,7 @@ def _run_one(
     started = time.perf_counter()
     try:
         return attack.run(obs, model, rng=rng, progress=hooks.attack_progress)
-    except (GradauditError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # one broken attack is reported, it does not sink the audit
         logger.debug("attack %s failed", attack.name, exc_info=True)
         return AttackResult(
             attack.name,
