@@ -52,7 +52,8 @@ def test_audit_writes_json_and_self_contained_html(tiny: Path, tmp_path: Path) -
     assert {"psnr", "ssim", "label_accuracy"} <= inversion["metrics"].keys()
     assert (out / inversion["artifacts"][0]).is_file()
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') >= 2
+    assert html.count('src="data:image/png;base64,') >= 3  # images, convergence, utility
+    assert "convergence.png" in report["artifacts"]
     assert "honest-but-curious server" in html
 
 

@@ -69,7 +69,7 @@ def convergence_png(traces: dict[str, Sequence[Sequence[float]]]) -> bytes:
         if trace:
             ax.plot([t[1] for t in trace], [t[2] for t in trace], label=label)
     ax.set_xlabel("seconds")
-    ax.set_ylabel("gradient mismatch (1 - cos)")
+    ax.set_ylabel("attack objective")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

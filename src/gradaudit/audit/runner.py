@@ -213,6 +213,12 @@ def run_audit(
     utility_png = artifacts.utility_png(accuracy, initial=fed.initial_test_accuracy)
     artifacts.save_png(out_dir / "utility.png", utility_png)
     report["artifacts"] = ["utility.png"]
+    traces = {
+        f"{e['attack']} (client {e['client']})": e["trace"] for e in attack_entries if e["trace"]
+    }
+    if traces:
+        artifacts.save_png(out_dir / "convergence.png", artifacts.convergence_png(traces))
+        report["artifacts"].append("convergence.png")
     report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
     write_report(report, out_dir)
     return report

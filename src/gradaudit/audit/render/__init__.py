@@ -76,6 +76,11 @@ def render_html(out_dir: Path) -> Path:
         report=report,
         attacks=attacks,
         utility_img=_inline(out_dir, "utility.png"),
+        convergence_img=(
+            _inline(out_dir, "convergence.png")
+            if "convergence.png" in report.get("artifacts", [])
+            else None
+        ),
         scenario_yaml=yaml.safe_dump(report["scenario"], sort_keys=False),
     )
     path = out_dir / "report.html"
