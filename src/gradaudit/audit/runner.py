@@ -77,6 +77,7 @@ def versions() -> dict[str, str]:
         "gradaudit": gradaudit.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
         "scikit-learn": sklearn.__version__,
