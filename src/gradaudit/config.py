@@ -196,7 +196,10 @@ def format_validation_error(
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             allowed = ", ".join(owner.model_fields) if owner else "?"
-            lines.append(f"{path}: unknown key; allowed keys here: {allowed}")
+            if owner is not None and not owner.model_fields:
+                lines.append(f"{path}: unknown key; this component takes no parameters")
+            else:
+                lines.append(f"{path}: unknown key; allowed keys here: {allowed}")
         elif item["type"] == "missing":
             lines.append(f"{path}: required field is missing")
         else:

@@ -190,3 +190,11 @@ def test_ready_scenarios_validate(name: str, shared_data_dir: Path) -> None:
 
     path = Path(__file__).resolve().parents[2] / "scenarios" / f"{name}.yaml"
     load_scenario(path, [f"data.data_dir={shared_data_dir}"])
+
+
+def test_natural_partition_on_a_dataset_without_sites_exit_2(tiny: Path, tmp_path: Path) -> None:
+    code, output = _audit(
+        str(tiny), "--out", str(tmp_path / "o"), "--set", "data.partition.kind=natural"
+    )
+    assert code == 2
+    assert "digits" in output and "natural" in output and "Traceback" not in output

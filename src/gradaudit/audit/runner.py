@@ -118,6 +118,7 @@ def run_audit(
         scenario.data.num_clients,
         rng=numpy_rng(seed, "partition"),
         groups=dataset.groups_train,
+        dataset=scenario.data.dataset,
     )
     model = build_model(
         scenario.model.kind,

@@ -119,3 +119,12 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     scenario = build_scenario({**MINIMAL, "attacks": [{"kind": "label_recovery"}]})
     again = load_scenario(_write(tmp_path, dump_scenario(scenario)))
     assert again == scenario
+
+
+def test_params_for_a_component_that_takes_none() -> None:
+    raw = {
+        **MINIMAL,
+        "data": {"dataset": "digits", "partition": {"kind": "iid", "params": {"alpha": 1}}},
+    }
+    with pytest.raises(ConfigError, match=r"partition\.params\.alpha: .*takes no parameters"):
+        build_scenario(raw)
