@@ -198,3 +198,19 @@ def test_natural_partition_on_a_dataset_without_sites_exit_2(tiny: Path, tmp_pat
     )
     assert code == 2
     assert "digits" in output and "natural" in output and "Traceback" not in output
+
+
+def test_analytic_attack_from_the_cli_is_exact(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    code, output = _audit(
+        str(tiny),
+        "--out",
+        str(out),
+        "--set",
+        "federation.local.batch_size=1",
+        "--set",
+        "attacks=[{kind: analytic}]",
+    )
+    assert code == 0, output
+    entry = json.loads((out / "report.json").read_text())["attacks"][0]
+    assert entry["status"] == "ok" and entry["metrics"]["psnr"] > 90.0

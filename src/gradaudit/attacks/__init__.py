@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from gradaudit.attacks.base import Attack
+from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.registry import Registry
@@ -24,6 +25,12 @@ ATTACKS.register(
     summary="image reconstruction by cosine gradient matching + TV (Geiping et al. 2020)",
     params=InvertingGradientsParams,
 )(InvertingGradientsAttack)
+
+ATTACKS.register(
+    "analytic",
+    summary="exact input of a model that starts with a linear layer, batch 1 (Phong et al. 2017)",
+    params=AnalyticParams,
+)(AnalyticAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:
