@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from gradaudit.attacks.base import Attack
 from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
+from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.registry import Registry
@@ -31,6 +32,11 @@ ATTACKS.register(
     summary="exact input of a model that starts with a linear layer, batch 1 (Phong et al. 2017)",
     params=AnalyticParams,
 )(AnalyticAttack)
+ATTACKS.register(
+    "dlg",
+    summary="Deep Leakage from Gradients: L2 matching, L-BFGS, joint labels (Zhu et al. 2019)",
+    params=DLGParams,
+)(DLGAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:

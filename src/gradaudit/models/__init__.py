@@ -90,6 +90,9 @@ def build_model(
         model = factory(spec, task)
     model = model.to_empty(device="cpu")
     init_parameters_(model, generator)
+    custom = getattr(model, "custom_init_", None)
+    if callable(custom):  # a model whose paper prescribes its own initialisation
+        custom(generator)
     return model.train()
 
 
