@@ -90,17 +90,6 @@ def attacker_model(model: nn.Module, obs: Observation) -> nn.Module:
     return copy_
 
 
-def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last nn.Linear of the model (its classification head) and its module name."""
-    found: tuple[str, nn.Linear] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = (name, module)
-    if found is None:
-        raise ValueError("the model has no nn.Linear classification head")
-    return found
-
-
 def not_applicable(name: str, obs: Observation, reason: str) -> AttackResult:
     """The result of an attack that could not run on this observation."""
     return AttackResult(name, obs.round, obs.target_client, "not_applicable", reason=reason)

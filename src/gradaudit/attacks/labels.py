@@ -13,12 +13,12 @@ from torch import Tensor, nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
-    classifier_head,
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
     target_update,
 )
+from gradaudit.models import classifier_head, classifier_keys
 from gradaudit.types import AttackResult, Observation, Reconstruction, TaskInfo
 
 LabelMethod = Literal["auto", "idlg", "bias", "llg"]
@@ -155,9 +155,9 @@ def recover_labels(
         raise ValueError(reason)
     grads, _ = gradient_estimate(update, obs)
     attacker = attacker_model(model, obs)
-    head_name, head = classifier_head(attacker)
-    weight_grad = grads[f"{head_name}.weight"]
-    bias_grad = grads.get(f"{head_name}.bias") if head.bias is not None else None
+    weight_key, bias_key = classifier_keys(attacker)
+    weight_grad = grads[weight_key]
+    bias_grad = grads[bias_key] if bias_key is not None else None
     if method == "auto":
         method = "idlg" if count == 1 else ("bias" if bias_grad is not None else "llg")
     if method == "idlg":

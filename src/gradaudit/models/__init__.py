@@ -96,6 +96,21 @@ def build_model(
     return model.train()
 
 
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classifier head, the last ``nn.Linear`` in ``modules()``, and its module name.
+
+    Raises:
+        ValueError: `model` contains no ``nn.Linear``.
+    """
+    head: tuple[str, nn.Linear] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            head = (name, module)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
+    return head
+
+
 def classifier_keys(model: nn.Module) -> tuple[str, str | None]:
     """The ``state_dict`` keys of the classifier head: the last ``nn.Linear`` in ``modules()``.
 
@@ -112,13 +127,7 @@ def classifier_keys(model: nn.Module) -> tuple[str, str | None]:
         >>> classifier_keys(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         ('2.weight', '2.bias')
     """
-    head: tuple[str, nn.Linear] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            head = (name, module)
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
-    name, linear = head
+    name, linear = classifier_head(model)
     prefix = f"{name}." if name else ""
     return f"{prefix}weight", (f"{prefix}bias" if linear.bias is not None else None)
 
@@ -137,6 +146,7 @@ __all__ = [
     "TabularMLP",
     "TabularMLPParams",
     "build_model",
+    "classifier_head",
     "classifier_keys",
     "init_parameters_",
 ]

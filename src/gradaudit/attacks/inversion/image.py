@@ -15,13 +15,13 @@ from torch import Tensor, nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
-    classifier_head,
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
     target_update,
 )
 from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
+from gradaudit.models import classifier_head, classifier_keys
 from gradaudit.types import AttackResult, Observation, Reconstruction, TaskInfo
 
 logger = logging.getLogger(__name__)
@@ -265,11 +265,11 @@ class InvertingGradientsAttack:
         if p.center_samples > 0:
             center = mean_dummy_gradient(attacker, labels, obs.task, rng, samples=p.center_samples)
             target = [t - c for t, c in zip(target, center, strict=True)]
-        head_name, head = classifier_head(attacker)
+        _, head = classifier_head(attacker)
+        weight_key, bias_key = classifier_keys(attacker)
         feature_target = None
-        bias_grad = grads.get(f"{head_name}.bias")
-        if labels.shape[0] == 1 and p.feature_weight > 0 and bias_grad is not None:
-            feature_target = head_input_from_gradient(grads[f"{head_name}.weight"], bias_grad)
+        if labels.shape[0] == 1 and p.feature_weight > 0 and bias_key is not None:
+            feature_target = head_input_from_gradient(grads[weight_key], grads[bias_key])
         norm = obs.task.normalization
         return _MatchingProblem(
             model=attacker,
