@@ -47,6 +47,32 @@ def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
     return None, f"client {obs.target_client} sent no update in round {obs.round}"
 
 
+def checked_update(
+    obs: Observation, *, attack: str, images: bool = False, max_images: int | None = None
+) -> tuple[ClientUpdate | None, str | None]:
+    """The target's update if the preconditions shared by attacks hold, else the reason.
+
+    Every attack on one client's update needs that update and the architecture; image attacks
+    also need an image task, and at most `max_images` examples behind the update.
+
+    Returns:
+        ``(update, None)``, or ``(None, reason)``.
+    """
+    update, reason = target_update(obs)
+    if update is None:
+        return None, reason
+    if images and (obs.task.modality != "image" or obs.task.normalization is None):
+        return None, f"{attack} reconstructs images; {obs.task.dataset} is {obs.task.modality}"
+    if not obs.side_info.get("architecture"):
+        return None, "the adversary does not know the model architecture"
+    if max_images is not None and update.num_examples > max_images:
+        return None, (
+            f"the update was computed on {update.num_examples} examples, more than "
+            f"max_images={max_images}"
+        )
+    return update, None
+
+
 def gradient_estimate(update: ClientUpdate, obs: Observation) -> tuple[dict[str, Tensor], str]:
     """A gradient-like view of the update: the gradient itself, or the negated FedAvg delta.
 

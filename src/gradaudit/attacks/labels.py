@@ -13,13 +13,14 @@ from torch import Tensor, nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
+    checked_update,
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
     target_update,
 )
 from gradaudit.models import classifier_head, classifier_keys
-from gradaudit.types import AttackResult, Observation, Reconstruction, TaskInfo
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TaskInfo
 
 LabelMethod = Literal["auto", "idlg", "bias", "llg"]
 
@@ -206,24 +207,25 @@ class LabelRecoveryAttack:
     def __init__(self, params: LabelRecoveryParams) -> None:
         self.params = params
 
-    def applicable(self, obs: Observation) -> str | None:
-        """Needs the target's individual update and the architecture."""
-        update, reason = target_update(obs)
+    def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        update, reason = checked_update(obs, attack=self.name)
         if update is None:
-            return reason
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
+            return None, reason
         if (
             update.kind == "delta"
             and "local_hyperparameters" not in obs.side_info
             and self.params.method != "idlg"
             and update.num_examples > 1
         ):
-            return (
+            return None, (
                 "counting labels from a FedAvg model change needs the local "
                 "hyperparameters (grant 'local_hyperparameters' in threat.knows)"
             )
-        return None
+        return update, None
+
+    def applicable(self, obs: Observation) -> str | None:
+        """Needs the target's individual update and the architecture."""
+        return self._update(obs)[1]
 
     def run(
         self,
@@ -234,12 +236,10 @@ class LabelRecoveryAttack:
         progress: ProgressFn | None = None,
     ) -> AttackResult:
         """Recover the label multiset of the target's update."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
+        update, reason = self._update(obs)
+        if update is None:
+            return not_applicable(self.name, obs, str(reason))
         started = time.perf_counter()
-        update, _ = target_update(obs)
-        assert update is not None
         labels, method = recover_labels(
             obs,
             model,

@@ -12,12 +12,12 @@ from torch import nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
+    checked_update,
     gradient_estimate,
     not_applicable,
-    target_update,
 )
 from gradaudit.attacks.inversion.image import head_input_from_gradient
-from gradaudit.types import AttackResult, Observation, Reconstruction
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
 
 class AnalyticParams(BaseModel):
@@ -53,25 +53,26 @@ class AnalyticAttack:
     def __init__(self, params: AnalyticParams) -> None:
         self.params = params
 
-    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
-        """Needs batch 1, a FedSGD gradient, and a model that starts with a linear layer."""
-        update, reason = target_update(obs)
+    def _update(
+        self, obs: Observation, model: nn.Module | None = None
+    ) -> tuple[ClientUpdate | None, str | None]:
+        update, reason = checked_update(obs, attack=self.name, images=True)
         if update is None:
-            return reason
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
-        if obs.task.modality != "image" or obs.task.normalization is None:
-            return f"analytic reconstructs images in this version; {obs.task.dataset} is tabular"
+            return None, reason
         if update.kind != "gradient":
-            return "exact recovery needs a single gradient (FedSGD), not a FedAvg model change"
+            return None, "exact recovery needs a single gradient (FedSGD), not a FedAvg change"
         if update.num_examples != 1:
-            return (
+            return None, (
                 f"exact recovery of the first layer's input needs one example; the update "
                 f"was computed on {update.num_examples}"
             )
         if model is not None and first_linear(model) is None:
-            return "the model does not start with a fully connected layer with a bias"
-        return None
+            return None, "the model does not start with a fully connected layer with a bias"
+        return update, None
+
+    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
+        """Needs batch 1, a FedSGD gradient, and a model that starts with a linear layer."""
+        return self._update(obs, model)[1]
 
     def run(
         self,
@@ -82,12 +83,10 @@ class AnalyticAttack:
         progress: ProgressFn | None = None,
     ) -> AttackResult:
         """Divide the first layer's weight gradient by its bias gradient."""
-        reason = self.applicable(obs, model)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
+        update, reason = self._update(obs, model)
+        if update is None:
+            return not_applicable(self.name, obs, str(reason))
         started = time.perf_counter()
-        update, _ = target_update(obs)
-        assert update is not None
         grads, _ = gradient_estimate(update, obs)
         found = first_linear(attacker_model(model, obs))
         assert found is not None

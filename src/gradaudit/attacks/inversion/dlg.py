@@ -15,12 +15,12 @@ from torch import Tensor, nn
 from gradaudit.attacks.base import (
     ProgressFn,
     attacker_model,
+    checked_update,
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
-    target_update,
 )
-from gradaudit.types import AttackResult, Observation, Reconstruction
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +104,12 @@ class DLGAttack:
     def __init__(self, params: DLGParams) -> None:
         self.params = params
 
+    def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        return checked_update(obs, attack=self.name, images=True, max_images=self.params.max_images)
+
     def applicable(self, obs: Observation) -> str | None:
         """Needs an individual image-model update, the architecture and a small batch."""
-        update, reason = target_update(obs)
-        if update is None:
-            return reason
-        if obs.task.modality != "image" or obs.task.normalization is None:
-            return f"dlg reconstructs images; {obs.task.dataset} is {obs.task.modality}"
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
-        if update.num_examples > self.params.max_images:
-            return (
-                f"the update was computed on {update.num_examples} examples, more than "
-                f"max_images={self.params.max_images}"
-            )
-        return None
+        return self._update(obs)[1]
 
     def run(
         self,
@@ -129,13 +120,12 @@ class DLGAttack:
         progress: ProgressFn | None = None,
     ) -> AttackResult:
         """Match the gradient with L-BFGS from `restarts` random starts."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
+        update, reason = self._update(obs)
+        if update is None:
+            return not_applicable(self.name, obs, str(reason))
         started = time.perf_counter()
         p = self.params
-        update, _ = target_update(obs)
-        assert update is not None and obs.task.normalization is not None
+        assert obs.task.normalization is not None
         count = update.num_examples
         grads, grad_source = gradient_estimate(update, obs)
         attacker = attacker_model(model, obs)
