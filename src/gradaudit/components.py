@@ -48,9 +48,4 @@ def validate_components(scenario: Scenario, *, source: str = "") -> None:
                 f"known: {known}"
             )
         if params is not None:
-            try:
-                registry.parse_params(kind, params, where=f"{path}.params")
-            except ConfigError as exc:
-                raise ConfigError(
-                    str(exc).replace("invalid scenario:", f"invalid scenario{where}:")
-                ) from None
+            registry.parse_params(kind, params, where=f"{path}.params", source=source)

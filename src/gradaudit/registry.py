@@ -90,15 +90,19 @@ class Registry(Generic[T]):
         """The factory registered as `name`."""
         return self.entry(name).factory
 
-    def parse_params(self, name: str, params: dict[str, object], *, where: str = "") -> BaseModel:
-        """Validate `params` for component `name`; errors name the dotted path `where`."""
+    def parse_params(
+        self, name: str, params: dict[str, object], *, where: str = "", source: str = ""
+    ) -> BaseModel:
+        """Validate `params` for component `name`; errors name the path `where` in `source`."""
         from gradaudit.config import format_validation_error
 
         spec = self.entry(name).params
         try:
             return spec.model_validate(params)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, spec, prefix=where)) from None
+            raise ConfigError(
+                format_validation_error(exc, spec, prefix=where, source=source)
+            ) from None
 
     def entries(self) -> list[Entry[T]]:
         """All entries, sorted by name."""

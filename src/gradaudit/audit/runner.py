@@ -229,11 +229,8 @@ def run_audit(
 def _run_one(
     attack: Attack, obs: Any, model: torch.nn.Module, rng: torch.Generator, hooks: AuditHooks
 ) -> AttackResult:
-    reason = attack.applicable(obs)
-    if reason is not None:
-        return AttackResult(attack.name, obs.round, obs.target_client, "not_applicable", reason)
     started = time.perf_counter()
-    try:
+    try:  # run() itself returns not_applicable, with the model at hand for its checks
         return attack.run(obs, model, rng=rng, progress=hooks.attack_progress)
     except Exception as exc:  # one broken attack is reported, it does not sink the audit
         logger.debug("attack %s failed", attack.name, exc_info=True)
