@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradaudit.federation.local import LocalPlan, train_clients_loop
+from gradaudit.types import ClientUpdate, Observation, TaskInfo
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +40,83 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def fedavg_observation(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: TaskInfo,
+    *,
+    lr: float,
+    batch_size: int,
+    knows: tuple[str, ...],
+    batchnorm: str = "frozen",
+) -> Observation:
+    """The server's view of one FedAvg client that runs one epoch over ``(x, y)`` in order.
+
+    The client's batches are consecutive slices of `x` (the attacker does not know the order);
+    the update is the model change after ``ceil(len(x) / batch_size)`` local SGD steps.
+    """
+    steps = tuple(
+        np.arange(start, min(start + batch_size, len(x))) for start in range(0, len(x), batch_size)
+    )
+    plan = LocalPlan(0, steps)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (tensors,) = train_clients_loop(
+        model, state, x, y, [plan], algorithm="fedavg", lr=lr, batchnorm=batchnorm
+    )
+    update = ClientUpdate(0, 1, "delta", tensors, len(x))
+    side: dict[str, object] = {"architecture": True}
+    if "labels" in knows:
+        side["labels"] = y.clone()
+    if "local_hyperparameters" in knows:
+        side["local_hyperparameters"] = {
+            "algorithm": "fedavg",
+            "lr": lr,
+            "batch_size": batch_size,
+            "epochs": 1,
+            "steps": None,
+            "batchnorm": batchnorm,
+            "num_steps": len(steps),
+        }
+    return Observation(1, 0, state, (update,), None, side, task)
+
+
+def trained_convnet(width: int, epochs: int, *, seed: int = 0, examples: int = 5000):
+    """Geiping's ConvNet trained `epochs` epochs on the first `examples` CIFAR-10 training
+    images (SGD, lr 0.05, momentum 0.9, batch 64); cached in bench/.cache."""
+    from gradaudit.data import load_dataset
+    from gradaudit.models import build_model
+    from gradaudit.seeding import torch_generator
+
+    data = load_dataset("cifar10", data_dir())
+    model = build_model(
+        "convnet", {"width": width}, data.info, generator=torch_generator(seed, "model")
+    )
+    if epochs == 0:
+        return model, None
+    cache = REPO / "bench" / ".cache" / f"convnet{width}_e{epochs}_n{examples}_s{seed}.pt"
+    if cache.is_file():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+    else:
+        x, y = data.x_train[:examples], data.y_train[:examples]
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        generator = torch_generator(seed, "bench-train")
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(examples, generator=generator)
+            for start in range(0, examples, 64):
+                batch = order[start : start + 64]
+                optimiser.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimiser.step()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((model(data.x_test[i : i + 500]).argmax(1) == data.y_test[i : i + 500]).sum())
+            for i in range(0, 2000, 500)
+        )
+    return model, correct / 2000

@@ -1,7 +1,9 @@
-"""Inverting Gradients on CIFAR-10 with Geiping's ConvNet at initialisation; prints JSON.
+"""Inverting Gradients on CIFAR-10 with Geiping's ConvNet; prints JSON.
 
 The case of issue 2/3 and breaching's reference: ConvNet width 64, random init, batch 1, labels
 given to the server, BatchNorm in eval mode (breaching's setting) or train mode (a FedSGD client).
+Variants: larger batches (``--batch``: test images of consecutive classes), a trained checkpoint
+(``--trained-epochs``), and a FedAvg client with several local steps (``--fedavg-batch``).
 
     OMP_NUM_THREADS=1 python bench/inversion_cifar10.py --iterations 1000 --classes 1
 """
@@ -12,13 +14,13 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
-from _common import cifar10_test_picks, machine
+from _common import cifar10_test_picks, fedavg_observation, machine, trained_convnet
 
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.data import load_dataset
-from gradaudit.metrics import psnr, ssim
-from gradaudit.models import build_model
+from gradaudit.metrics import match_reconstructions, psnr, ssim
 from gradaudit.seeding import torch_generator
 from gradaudit.threat import observe_batch
 
@@ -38,48 +40,92 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=1)
     parser.add_argument("--tv", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--schedule", choices=["step", "cosine", "constant"], default=None)
+    parser.add_argument("--init", choices=["randn", "rand", "zeros"], default=None)
+    parser.add_argument("--max-seconds", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=1, help="images per update")
+    parser.add_argument(
+        "--trained-epochs", type=int, default=0, help="attack a checkpoint trained this long"
+    )
+    parser.add_argument(
+        "--fedavg-batch",
+        type=int,
+        default=None,
+        help="FedAvg: the client runs one epoch over its --batch images in local batches of "
+        "this size (e.g. --batch 4 --fedavg-batch 1 = 4 local steps); default FedSGD",
+    )
+    parser.add_argument("--local-lr", type=float, default=0.01, help="FedAvg local lr")
+    parser.add_argument(
+        "--unroll", choices=["auto", "always", "never"], default="auto", help="FedAvg replay"
+    )
     parser.add_argument("--labels", choices=["known", "recovered"], default="known")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     info = load_dataset("cifar10", None).info  # normalisation of the training split
     assert info.normalization is not None
-    images, labels, names = cifar10_test_picks(0)
+    picks = [cifar10_test_picks(k) for k in range(2)]
+    images = np.concatenate([p[0] for p in picks])  # class c's image #0 at c, #1 at 10 + c
+    labels = np.concatenate([p[1] for p in picks])
+    names = picks[0][2]
+    model, accuracy = trained_convnet(args.width, args.trained_epochs, seed=args.seed)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
     params = {
         "iterations": args.iterations,
         "restarts": args.restarts,
         "client_mode": args.batchnorm,
+        "unroll": args.unroll,
     }
     if args.tv is not None:
         params["tv_weight"] = args.tv
-    if args.lr is not None:
-        params["lr"] = args.lr
+    for key in ("lr", "schedule", "init", "max_seconds"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
     attack = InvertingGradientsAttack(InvertingGradientsParams(**params))
     results = []
     for cls in args.classes:
-        model = build_model(
-            "convnet", {"width": args.width}, info, generator=torch_generator(args.seed, "model")
-        )
-        pixels = torch.from_numpy(images[cls : cls + 1])
+        model.load_state_dict(global_state)
+        rows = [(cls + k) % len(images) for k in range(args.batch)]
+        pixels = torch.from_numpy(images[rows])
         x = info.normalization.normalize(pixels)
-        y = torch.tensor([int(labels[cls])])
+        y = torch.from_numpy(labels[rows])
         knows = ("architecture", "labels") if args.labels == "known" else ("architecture",)
-        obs = observe_batch(model, x, y, info, knows=knows, train_mode=args.batchnorm == "train")
+        if args.fedavg_batch is None:
+            obs = observe_batch(
+                model, x, y, info, knows=knows, train_mode=args.batchnorm == "train"
+            )
+        else:
+            obs = fedavg_observation(
+                model,
+                x,
+                y,
+                info,
+                lr=args.local_lr,
+                batch_size=args.fedavg_batch,
+                knows=(*knows, "local_hyperparameters"),
+                batchnorm="train" if args.batchnorm == "train" else "frozen",
+            )
         started = time.perf_counter()
         result = attack.run(obs, model, rng=torch_generator(args.seed, "attack", cls))
         seconds = time.perf_counter() - started
         rec = result.reconstruction.images
         assert rec is not None
+        perm = match_reconstructions(rec, pixels)
         results.append(
             {
                 "class": names[cls],
-                "psnr": round(float(psnr(rec, pixels)[0]), 3),
-                "ssim": round(float(ssim(rec, pixels)[0]), 4),
+                "psnr": round(float(psnr(rec[perm], pixels).mean()), 3),
+                "ssim": round(float(ssim(rec[perm], pixels).mean()), 4),
                 "seconds": round(seconds, 2),
+                "iterations_run": result.details["iterations_run"],
+                "replay": result.details["replay"],
                 "objective": result.details["objective"],
-                "curve": [
-                    [t[0], round(t[1], 2), t[2]]
-                    for t in result.trace[:: max(1, len(result.trace) // 20)]
+                "psnr_curve": [
+                    [
+                        round(t, 2),
+                        round(float(psnr(im[match_reconstructions(im, pixels)], pixels).mean()), 2),
+                    ]
+                    for t, im in result.snapshots
                 ],
             }
         )
@@ -87,8 +133,13 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "case": "cifar10-convnet-init-batch1",
+                "case": "cifar10-convnet",
                 "width": args.width,
+                "batch": args.batch,
+                "trained_epochs": args.trained_epochs,
+                "test_accuracy": accuracy,
+                "fedavg_batch": args.fedavg_batch,
+                "params": params,
                 "iterations": args.iterations,
                 "restarts": args.restarts,
                 "batchnorm": args.batchnorm,

@@ -20,6 +20,12 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     not_applicable,
 )
+from gradaudit.attacks.inversion.simulate import (
+    LocalReplay,
+    UnrollMode,
+    local_replay,
+    simulated_update,
+)
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,14 @@ class DLGParams(BaseModel):
     lr: float = Field(1.0, gt=0, description="L-BFGS step size")
     history: int = Field(100, ge=1, description="L-BFGS history size")
     max_images: int = Field(8, ge=1, description="refuse updates computed on more examples")
+    unroll: UnrollMode = Field(
+        "auto",
+        description="FedAvg deltas: unroll the local steps (auto: when local hyperparameters are "
+        "known), always, or never (treat the delta as one gradient)",
+    )
+    snapshots: int = Field(
+        16, ge=0, description="best-so-far reconstructions kept for the PSNR-vs-seconds curve"
+    )
     client_mode: Literal["auto", "train", "eval"] = Field(
         "auto",
         description="BatchNorm mode of the client's update: auto reads the granted local "
@@ -58,7 +72,7 @@ def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
 
 def _distance_closure(
     model: nn.Module,
-    params: list[Tensor],
+    replay: LocalReplay,
     target: list[Tensor],
     x: Tensor,
     label_logits: Tensor,
@@ -66,16 +80,16 @@ def _distance_closure(
     optimiser: torch.optim.Optimizer,
     current: dict[str, float],
 ) -> Callable[[], Tensor]:
-    """The L-BFGS closure: squared L2 distance between the dummy and the observed gradient."""
+    """The L-BFGS closure: squared L2 distance between the dummy and the observed update."""
+
+    def loss(logits: Tensor, index: Tensor) -> Tensor:
+        if fixed_labels is not None:
+            return nn.functional.cross_entropy(logits, fixed_labels[index])
+        return soft_cross_entropy(logits, label_logits[index])
 
     def closure() -> Tensor:
         optimiser.zero_grad(set_to_none=True)
-        logits = model(x)
-        if fixed_labels is not None:
-            loss = nn.functional.cross_entropy(logits, fixed_labels)
-        else:
-            loss = soft_cross_entropy(logits, label_logits)
-        dummy = torch.autograd.grad(loss, params, create_graph=True)
+        dummy = simulated_update(model, x, loss, replay)
         distance = torch.stack(
             [(g - t).pow(2).sum() for g, t in zip(dummy, target, strict=True)]
         ).sum()
@@ -127,10 +141,14 @@ class DLGAttack:
         p = self.params
         assert obs.task.normalization is not None
         count = update.num_examples
+        norm = obs.task.normalization
         grads, grad_source = gradient_estimate(update, obs)
+        try:
+            replay = local_replay(update, obs, p.unroll)
+        except ValueError as error:
+            return not_applicable(self.name, obs, str(error))
         attacker = attacker_model(model, obs)
         attacker.train(client_trains_batchnorm(obs, p.client_mode))
-        params = list(attacker.parameters())
         target = [grads[n].detach() for n, _ in attacker.named_parameters()]
         granted = obs.side_info.get("labels")
         fixed_labels = granted.clone() if isinstance(granted, Tensor) else None
@@ -139,6 +157,8 @@ class DLGAttack:
 
         best: tuple[float, Tensor, Tensor] | None = None
         trace: list[tuple[int, float, float]] = []
+        snapshots: list[tuple[float, Tensor]] = []
+        snapshot_every = max(1, p.iterations * p.restarts // p.snapshots) if p.snapshots else 0
         done = 0
         for restart in range(p.restarts):
             x = torch.randn(shape, generator=rng).requires_grad_(True)
@@ -154,7 +174,7 @@ class DLGAttack:
             )
             current = {"loss": math.inf}
             closure = _distance_closure(
-                attacker, params, target, x, label_logits, fixed_labels, optimiser, current
+                attacker, replay, target, x, label_logits, fixed_labels, optimiser, current
             )
             for step in range(1, p.iterations + 1):
                 optimiser.step(closure)
@@ -165,8 +185,11 @@ class DLGAttack:
                 if best is None or distance < best[0]:
                     best = (distance, x.detach().clone(), label_logits.detach().clone())
                 done += 1
+                seconds = time.perf_counter() - started
                 if step == 1 or step % max(1, p.iterations // 100) == 0:
-                    trace.append((done, time.perf_counter() - started, distance))
+                    trace.append((done, seconds, distance))
+                if snapshot_every and done % snapshot_every == 0:
+                    snapshots.append((seconds, norm.denormalize(best[1]).clamp(0.0, 1.0)))
                 if progress is not None:
                     progress(done, p.iterations * p.restarts)
                 if deadline is not None and time.perf_counter() >= deadline:
@@ -184,7 +207,9 @@ class DLGAttack:
             )
         distance, x_best, labels_best = best
         labels = fixed_labels if fixed_labels is not None else labels_best.argmax(dim=1)
-        images = obs.task.normalization.denormalize(x_best).clamp(0.0, 1.0)
+        images = norm.denormalize(x_best).clamp(0.0, 1.0)
+        if p.snapshots and (not snapshots or not torch.equal(snapshots[-1][1], images)):
+            snapshots.append((time.perf_counter() - started, images))
         return AttackResult(
             self.name,
             obs.round,
@@ -201,9 +226,11 @@ class DLGAttack:
                 if fixed_labels is not None
                 else "optimised jointly (argmax of the dummy labels)",
                 "gradient": grad_source,
+                "replay": replay.description,
                 "iterations_run": done,
                 "objective": distance,
                 "recipe": p.model_dump(),
             },
             trace=tuple(trace),
+            snapshots=tuple(snapshots),
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -19,6 +20,18 @@ from gradaudit.attacks.base import (
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
+)
+from gradaudit.attacks.inversion.simulate import (
+    LocalReplay,
+    LossFn,
+    UnrollMode,
+    batchnorm_layers,
+    bn_statistics_distance,
+    bn_statistics_target,
+    local_replay,
+    mean_candidate_update,
+    recording_batchnorm,
+    simulated_update,
 )
 from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
 from gradaudit.models import classifier_head, classifier_keys
@@ -69,15 +82,26 @@ def mean_dummy_gradient(
     It estimates the part of the client's gradient that does not depend on its inputs (at
     initialisation most of the deep layers' gradient is that part).
     """
-    params = list(model.parameters())
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    total = [torch.zeros_like(p) for p in params]
-    for _ in range(samples):
-        x = dummy_inputs(task, int(labels.shape[0]), rng)
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), labels), params)
-        total = [t + g.detach() / samples for t, g in zip(total, grads, strict=True)]
-    model.load_state_dict(state)
-    return total
+    return mean_candidate_update(
+        model,
+        labelled_loss(labels),
+        LocalReplay(unrolled=False),
+        lambda: dummy_inputs(task, int(labels.shape[0]), rng),
+        samples=samples,
+    )
+
+
+def labelled_loss(labels: Tensor) -> LossFn:
+    """The cross-entropy of a local batch whose candidate examples carry `labels`."""
+
+    def loss(logits: Tensor, index: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits, labels[index])
+
+    return loss
+
+
+BN_WEIGHT = 0.1
+"""Default weight of the BatchNorm-statistics term (measured in docs/BENCHMARKS.md)."""
 
 
 class InvertingGradientsParams(BaseModel):
@@ -91,7 +115,11 @@ class InvertingGradientsParams(BaseModel):
     tv_weight: float = Field(0.01, ge=0, description="weight of the total-variation prior")
     signed: bool = Field(True, description="step on the sign of the image gradient")
     boxed: bool = Field(True, description="keep pixels inside [0, 1]")
-    lr_decay: bool = Field(True, description="divide lr by 10 at 3/8, 5/8 and 7/8 of the run")
+    schedule: Literal["step", "cosine", "constant"] = Field(
+        "step",
+        description="learning-rate schedule: step (divide by 10 at 3/8, 5/8, 7/8 of the run, as "
+        "in the paper), cosine annealing to 0, or constant",
+    )
     init: Literal["randn", "rand", "zeros"] = Field(
         "randn", description="initial guess: normal noise, uniform pixels, or the mean image"
     )
@@ -107,6 +135,20 @@ class InvertingGradientsParams(BaseModel):
         ge=0,
         description="weight of matching the classifier's input features, recovered analytically "
         "from the head's gradient (batch 1 only)",
+    )
+    bn_weight: float = Field(
+        BN_WEIGHT,
+        ge=0,
+        description="weight of matching the BatchNorm statistics revealed by the running-stat "
+        "change the client sent (DeepInversion prior; used only when the update carries one)",
+    )
+    unroll: UnrollMode = Field(
+        "auto",
+        description="FedAvg deltas: unroll the local steps (auto: when local hyperparameters are "
+        "known), always, or never (treat the delta as one gradient)",
+    )
+    snapshots: int = Field(
+        16, ge=0, description="best-so-far reconstructions kept for the PSNR-vs-seconds curve"
     )
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
     client_mode: Literal["auto", "train", "eval"] = Field(
@@ -125,11 +167,46 @@ class _MatchingProblem:
     shape: tuple[int, ...]
     lo: Tensor
     hi: Tensor
+    replay: LocalReplay
     target: list[Tensor]
     target_sq: Tensor
     center: list[Tensor] | None
     head: nn.Linear
     feature_target: Tensor | None
+    bn_target: dict[str, tuple[Tensor, Tensor]] | None
+    bn_running: dict[str, tuple[Tensor, Tensor]]
+
+    def objective(self, x: Tensor, params: InvertingGradientsParams) -> Tensor:
+        """The attack's objective at candidate `x` (differentiable in `x`)."""
+        model = self.model
+        with contextlib.ExitStack() as stack:
+            recorder = (
+                stack.enter_context(recording_batchnorm(model))
+                if self.bn_target is not None
+                else None
+            )
+            features: list[Tensor] = []
+            if self.feature_target is not None:
+                handle = self.head.register_forward_hook(
+                    lambda _m, inputs, _o: features.append(inputs[0])
+                )
+                stack.callback(handle.remove)
+            grads = simulated_update(model, x, labelled_loss(self.labels), self.replay)
+        if self.center is not None:
+            grads = [g - c for g, c in zip(grads, self.center, strict=True)]
+        objective = cosine_distance(grads, self.target, self.target_sq)
+        if params.tv_weight:
+            objective = objective + params.tv_weight * total_variation(x)
+        if self.feature_target is not None:
+            mismatch = (features[0].reshape(-1) - self.feature_target).pow(2).sum()
+            scale = self.feature_target.pow(2).sum().clamp_min(1e-30)
+            objective = objective + params.feature_weight * mismatch / scale
+        if recorder is not None and self.bn_target is not None:
+            distance = bn_statistics_distance(
+                recorder, recorder.layers, self.bn_running, self.bn_target
+            )
+            objective = objective + params.bn_weight * distance
+        return objective
 
 
 class InvertingGradientsAttack:
@@ -192,23 +269,25 @@ class InvertingGradientsAttack:
             )
             label_source = f"recovered ({method})"
         grads, grad_source = gradient_estimate(update, obs)
-        problem = self._problem(obs, model, grads, labels, train_mode, rng)
+        try:
+            replay = local_replay(update, obs, p.unroll)
+        except ValueError as error:
+            return not_applicable(self.name, obs, str(error))
+        problem = self._problem(obs, model, grads, labels, train_mode, replay, update, rng)
         deadline = started + p.max_seconds if p.max_seconds else None
-        total = p.iterations * p.restarts
-        best_x, best_cost = None, float("inf")
-        trace: list[tuple[int, float, float]] = []
-        done = 0
+        search = BestSoFar(
+            started=started,
+            total=p.iterations * p.restarts,
+            snapshot_every=max(1, (p.iterations * p.restarts) // p.snapshots) if p.snapshots else 0,
+            to_pixels=lambda z: obs.task.normalization.denormalize(z).clamp(0.0, 1.0),  # type: ignore[union-attr]
+            progress=progress,
+        )
         for restart in range(p.restarts):
-            x, cost, steps = self._optimise(
-                problem, rng, deadline, started, trace, done, progress, total
-            )
-            done += steps
+            cost = self._optimise(problem, rng, deadline, search)
             logger.info("inverting_gradients restart %d: objective %.6f", restart, cost)
-            if cost < best_cost:
-                best_x, best_cost = x, cost
             if deadline is not None and time.perf_counter() >= deadline:
                 break
-        assert best_x is not None
+        best_x, best_cost = search.best()
         images = obs.task.normalization.denormalize(best_x).clamp(0.0, 1.0)
         return AttackResult(
             self.name,
@@ -224,13 +303,16 @@ class InvertingGradientsAttack:
             details={
                 "labels": label_source,
                 "gradient": grad_source,
-                "iterations_run": done,
+                "replay": replay.description,
+                "iterations_run": search.done,
                 "objective": best_cost,
                 "centred": problem.center is not None,
                 "feature_target": problem.feature_target is not None,
+                "batchnorm_statistics": problem.bn_target is not None,
                 "recipe": p.model_dump(),
             },
-            trace=tuple(trace),
+            trace=tuple(search.trace),
+            snapshots=search.final_snapshots(),
         )
 
     def _problem(
@@ -240,6 +322,8 @@ class InvertingGradientsAttack:
         grads: dict[str, Tensor],
         labels: Tensor,
         train_mode: bool,
+        replay: LocalReplay,
+        update: ClientUpdate,
         rng: torch.Generator,
     ) -> _MatchingProblem:
         p = self.params
@@ -248,27 +332,42 @@ class InvertingGradientsAttack:
         attacker.train(train_mode)
         names = [n for n, _ in attacker.named_parameters()]
         target = [grads[n].detach() for n in names]
+        count = int(labels.shape[0])
         center = None
         if p.center_samples > 0:
-            center = mean_dummy_gradient(attacker, labels, obs.task, rng, samples=p.center_samples)
+            center = mean_candidate_update(
+                attacker,
+                labelled_loss(labels),
+                replay,
+                lambda: dummy_inputs(obs.task, count, rng),
+                samples=p.center_samples,
+            )
             target = [t - c for t, c in zip(target, center, strict=True)]
         _, head = classifier_head(attacker)
         weight_key, bias_key = classifier_keys(attacker)
         feature_target = None
-        if labels.shape[0] == 1 and p.feature_weight > 0 and bias_key is not None:
+        if count == 1 and p.feature_weight > 0 and bias_key is not None and not replay.unrolled:
             feature_target = head_input_from_gradient(grads[weight_key], grads[bias_key])
+        layers = batchnorm_layers(attacker)
+        bn_target = bn_statistics_target(update, layers) if train_mode and p.bn_weight > 0 else None
         norm = obs.task.normalization
         return _MatchingProblem(
             model=attacker,
             labels=labels,
-            shape=(int(labels.shape[0]), *obs.task.input_shape),
+            shape=(count, *obs.task.input_shape),
             lo=norm.normalize(torch.zeros(1, *obs.task.input_shape)),
             hi=norm.normalize(torch.ones(1, *obs.task.input_shape)),
+            replay=replay,
             target=target,
             target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
             center=center,
             head=head,
             feature_target=feature_target,
+            bn_target=bn_target,
+            bn_running={
+                name: (module.running_mean.clone(), module.running_var.clone())  # type: ignore[union-attr]
+                for name, module in layers
+            },
         )
 
     def _optimise(
@@ -276,13 +375,9 @@ class InvertingGradientsAttack:
         problem: _MatchingProblem,
         rng: torch.Generator,
         deadline: float | None,
-        started: float,
-        trace: list[tuple[int, float, float]],
-        offset: int,
-        progress: ProgressFn | None,
-        total: int,
-    ) -> tuple[Tensor, float, int]:
-        """One restart: returns the best candidate seen, its objective, and the steps run."""
+        search: BestSoFar,
+    ) -> float:
+        """One restart; returns the lowest objective it reached."""
         p, lo, hi = self.params, problem.lo, problem.hi
         if p.init == "randn":
             x = torch.randn(problem.shape, generator=rng)
@@ -294,51 +389,84 @@ class InvertingGradientsAttack:
             x = torch.max(torch.min(x, hi), lo)
         x.requires_grad_(True)
         optimiser = torch.optim.Adam([x], lr=p.lr)
-        milestones = [int(p.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if p.lr_decay else []
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
-        params = list(problem.model.parameters())
-        features: list[Tensor] = []
-        hook = None
-        if problem.feature_target is not None:
-            feature_sq = problem.feature_target.pow(2).sum().clamp_min(1e-30)
-            hook = problem.head.register_forward_hook(
-                lambda _m, inputs, _o: features.append(inputs[0])
-            )
-        best_x, best_cost = x.detach().clone(), float("inf")
-        every = max(1, p.iterations // 200)
-        step = 0
-        try:
-            for step in range(1, p.iterations + 1):
-                features.clear()
-                loss = nn.functional.cross_entropy(problem.model(x), problem.labels)
-                grads = list(torch.autograd.grad(loss, params, create_graph=True))
-                if problem.center is not None:
-                    grads = [g - c for g, c in zip(grads, problem.center, strict=True)]
-                objective = cosine_distance(grads, problem.target, problem.target_sq)
-                if p.tv_weight:
-                    objective = objective + p.tv_weight * total_variation(x)
-                if problem.feature_target is not None:
-                    mismatch = (features[0].reshape(-1) - problem.feature_target).pow(2).sum()
-                    objective = objective + p.feature_weight * mismatch / feature_sq
-                (x.grad,) = torch.autograd.grad(objective, [x])
-                cost = float(objective.detach())
-                if cost < best_cost:
-                    best_cost, best_x = cost, x.detach().clone()
-                if p.signed:
-                    x.grad.sign_()
-                optimiser.step()
-                scheduler.step()
-                if p.boxed:
-                    with torch.no_grad():
-                        x.data = torch.max(torch.min(x, hi), lo)
-                out_of_time = deadline is not None and time.perf_counter() >= deadline
-                if step == 1 or step % every == 0 or step == p.iterations or out_of_time:
-                    trace.append((offset + step, time.perf_counter() - started, cost))
-                if progress is not None:
-                    progress(offset + step, total)
-                if out_of_time:
-                    break
-        finally:
-            if hook is not None:
-                hook.remove()
-        return best_x, best_cost, step
+        scheduler = learning_rate_schedule(optimiser, p.schedule, p.iterations)
+        lowest = float("inf")
+        for _ in range(p.iterations):
+            objective = problem.objective(x, p)
+            (x.grad,) = torch.autograd.grad(objective, [x])
+            cost = float(objective.detach())
+            lowest = min(lowest, cost)
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            search.offer(x, cost, final=out_of_time)
+            if p.signed:
+                x.grad.sign_()
+            optimiser.step()
+            scheduler.step()
+            if p.boxed:
+                with torch.no_grad():
+                    x.data = torch.max(torch.min(x, hi), lo)
+            if out_of_time:
+                break
+        return lowest
+
+
+def learning_rate_schedule(
+    optimiser: torch.optim.Optimizer, kind: str, iterations: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Step decay (/10 at 3/8, 5/8, 7/8, Geiping et al.), cosine annealing, or constant."""
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, iterations))
+    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if kind == "step" else []
+    return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+
+
+@dataclass
+class BestSoFar:
+    """The best candidate of a whole attack (all restarts), with its trace and snapshots.
+
+    Attributes:
+        started: ``time.perf_counter()`` when the attack started.
+        total: steps planned over all restarts (for progress).
+        snapshot_every: keep the best candidate (in pixels) every this many steps; 0 = never.
+        to_pixels: maps a candidate from model space to pixel space [0, 1].
+        progress: the attack's progress callback.
+    """
+
+    started: float
+    total: int
+    snapshot_every: int
+    to_pixels: Callable[[Tensor], Tensor]
+    progress: ProgressFn | None = None
+    done: int = 0
+    trace: list[tuple[int, float, float]] = field(default_factory=list)
+    snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
+    _best: tuple[float, Tensor] | None = None
+
+    def offer(self, x: Tensor, cost: float, *, final: bool = False) -> None:
+        """Record one step's candidate `x` (before the step) and its objective."""
+        self.done += 1
+        if self._best is None or cost < self._best[0]:
+            self._best = (cost, x.detach().clone())
+        seconds = time.perf_counter() - self.started
+        every = max(1, self.total // 200)
+        if self.done == 1 or self.done % every == 0 or self.done == self.total or final:
+            self.trace.append((self.done, seconds, cost))
+        if self.snapshot_every and (self.done % self.snapshot_every == 0 or final):
+            self.snapshots.append((seconds, self.to_pixels(self._best[1])))
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def best(self) -> tuple[Tensor, float]:
+        """The best candidate seen and its objective."""
+        if self._best is None:
+            raise RuntimeError("no candidate was offered")
+        return self._best[1], self._best[0]
+
+    def final_snapshots(self) -> tuple[tuple[float, Tensor], ...]:
+        """The snapshots, ending with the returned reconstruction."""
+        if not self.snapshot_every or self._best is None:
+            return ()
+        last = self.to_pixels(self._best[1])
+        if not self.snapshots or not torch.equal(self.snapshots[-1][1], last):
+            self.snapshots.append((time.perf_counter() - self.started, last))
+        return tuple(self.snapshots)
