@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 from _common import cifar10_test_picks, fedavg_observation, machine, trained_convnet
 
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
@@ -54,6 +55,13 @@ def main() -> None:
         help="FedAvg: the client runs one epoch over its --batch images in local batches of "
         "this size (e.g. --batch 4 --fedavg-batch 1 = 4 local steps); default FedSGD",
     )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other inverting_gradients parameter (YAML value), e.g. --param bn_weight=0.1",
+    )
     parser.add_argument("--local-lr", type=float, default=0.01, help="FedAvg local lr")
     parser.add_argument(
         "--unroll", choices=["auto", "always", "never"], default="auto", help="FedAvg replay"
@@ -81,6 +89,9 @@ def main() -> None:
     for key in ("lr", "schedule", "init", "max_seconds"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
     attack = InvertingGradientsAttack(InvertingGradientsParams(**params))
     results = []
     for cls in args.classes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -283,7 +284,7 @@ class InvertingGradientsAttack:
             progress=progress,
         )
         for restart in range(p.restarts):
-            cost = self._optimise(problem, rng, deadline, search)
+            cost = self._optimise(problem, rng, deadline, search, p.restarts - restart)
             logger.info("inverting_gradients restart %d: objective %.6f", restart, cost)
             if deadline is not None and time.perf_counter() >= deadline:
                 break
@@ -376,8 +377,12 @@ class InvertingGradientsAttack:
         rng: torch.Generator,
         deadline: float | None,
         search: BestSoFar,
+        restarts_left: int,
     ) -> float:
-        """One restart; returns the lowest objective it reached."""
+        """One restart; returns the lowest objective it reached.
+
+        With a deadline, the restart plans for an equal share of the time left.
+        """
         p, lo, hi = self.params, problem.lo, problem.hi
         if p.init == "randn":
             x = torch.randn(problem.shape, generator=rng)
@@ -389,19 +394,24 @@ class InvertingGradientsAttack:
             x = torch.max(torch.min(x, hi), lo)
         x.requires_grad_(True)
         optimiser = torch.optim.Adam([x], lr=p.lr)
-        scheduler = learning_rate_schedule(optimiser, p.schedule, p.iterations)
+        begun = time.perf_counter()
+        budget = (deadline - begun) / restarts_left if deadline is not None else None
         lowest = float("inf")
-        for _ in range(p.iterations):
+        for step in range(p.iterations):
+            fraction = step / p.iterations
+            if budget is not None and budget > 0:
+                fraction = max(fraction, (time.perf_counter() - begun) / budget)
+            for group in optimiser.param_groups:
+                group["lr"] = p.lr * schedule_factor(p.schedule, fraction)
             objective = problem.objective(x, p)
             (x.grad,) = torch.autograd.grad(objective, [x])
             cost = float(objective.detach())
             lowest = min(lowest, cost)
-            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            out_of_time = budget is not None and time.perf_counter() >= begun + budget
             search.offer(x, cost, final=out_of_time)
             if p.signed:
                 x.grad.sign_()
             optimiser.step()
-            scheduler.step()
             if p.boxed:
                 with torch.no_grad():
                     x.data = torch.max(torch.min(x, hi), lo)
@@ -410,14 +420,25 @@ class InvertingGradientsAttack:
         return lowest
 
 
-def learning_rate_schedule(
-    optimiser: torch.optim.Optimizer, kind: str, iterations: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Step decay (/10 at 3/8, 5/8, 7/8, Geiping et al.), cosine annealing, or constant."""
+def schedule_factor(kind: str, fraction: float) -> float:
+    """The learning-rate multiplier at `fraction` (0 to 1) of a run.
+
+    ``step`` divides by 10 at 3/8, 5/8 and 7/8 (Geiping et al.), ``cosine`` anneals to 0,
+    ``constant`` keeps 1. The fraction is of the iterations or of the time budget, whichever is
+    further along, so a run cut short by ``max_seconds`` still decays its step size.
+
+    Example:
+        >>> [schedule_factor("step", f) for f in (0.0, 0.5, 0.9)]
+        [1.0, 0.1, 0.001...]
+        >>> schedule_factor("cosine", 0.5)
+        0.5
+    """
+    fraction = min(max(fraction, 0.0), 1.0)
     if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, iterations))
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if kind == "step" else []
-    return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+        return 0.5 * (1.0 + math.cos(math.pi * fraction))
+    if kind == "step":
+        return 0.1 ** sum(fraction >= f for f in (3 / 8, 5 / 8, 7 / 8))
+    return 1.0
 
 
 @dataclass
