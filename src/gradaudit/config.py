@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gradaudit.errors import ConfigError
 
-KNOWLEDGE = ("labels", "batch_size", "architecture", "local_hyperparameters")
+KNOWLEDGE = ("labels", "batch_size", "architecture", "local_hyperparameters", "public_data")
 """Side information a threat model may grant the adversary."""
 
 
@@ -103,10 +103,12 @@ class ThreatSpec(Spec):
 
     adversary: Literal["server"] = "server"
     behaviour: Literal["honest_but_curious"] = "honest_but_curious"
-    knows: tuple[Literal["labels", "batch_size", "architecture", "local_hyperparameters"], ...] = (
-        "architecture",
-        "batch_size",
-    )
+    knows: tuple[
+        Literal["labels", "batch_size", "architecture", "local_hyperparameters", "public_data"],
+        ...,
+    ] = ("architecture", "batch_size")
+    """Side information granted. ``public_data``: labelled examples from the task's distribution
+    that no client trains on (the dataset's held-out test split), e.g. for a generative prior."""
     target: TargetSpec = TargetSpec()
 
 

@@ -10,6 +10,7 @@ from gradaudit.attacks.base import Attack
 from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
 from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
+from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.registry import Registry
 
@@ -37,6 +38,12 @@ ATTACKS.register(
     summary="Deep Leakage from Gradients: L2 matching, L-BFGS, joint labels (Zhu et al. 2019)",
     params=DLGParams,
 )(DLGAttack)
+ATTACKS.register(
+    "prior_inversion",
+    summary="gradient matching in the latent space of a VAE trained on granted public data, "
+    "then per-image generator fine-tuning (GIAS, Jeon et al. 2021; GGL, Li et al. 2022)",
+    params=PriorInversionParams,
+)(PriorInversionAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:

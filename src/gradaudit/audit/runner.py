@@ -139,7 +139,14 @@ def run_audit(
         on_round=hooks.round_done,
     )
     capture = fed.captures[target.round]
-    obs = observe(scenario.threat, capture, scenario.federation, dataset.info, dataset.y_train)
+    obs = observe(
+        scenario.threat,
+        capture,
+        scenario.federation,
+        dataset.info,
+        dataset.y_train,
+        public_data=(dataset.x_test, dataset.y_test),  # handed over only if `knows` grants it
+    )
     plan = capture.plans.get(target.client)
     true_idx = torch.as_tensor(plan.used) if plan is not None else torch.zeros(0, dtype=torch.long)
     true_labels = dataset.y_train[true_idx]

@@ -15,7 +15,28 @@ _KNOWLEDGE_WORDS = {
     "batch_size": "the local batch size",
     "architecture": "the model architecture",
     "local_hyperparameters": "the local training hyperparameters",
+    "public_data": "public labelled data from the same task that no client trains on (the "
+    "dataset's held-out test split)",
 }
+
+PublicData = tuple[Tensor, Tensor]
+"""Inputs in model space and their labels, disjoint from every client's training data."""
+
+
+def public_side_info(public_data: PublicData, task: TaskInfo) -> dict[str, object]:
+    """The ``side_info["public_data"]`` entry: copies of the inputs and labels, and their source.
+
+    Example:
+        >>> from gradaudit.types import TaskInfo
+        >>> task = TaskInfo("toy", "image", (1, 2, 2), 2, None, ("a", "b"))
+        >>> entry = public_side_info((torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 0])), task)
+        >>> entry["x"].shape[0], entry["source"]
+        (3, 'the held-out test split of toy')
+    """
+    x, y = public_data
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"public data: {x.shape[0]} inputs but {y.shape[0]} labels")
+    return {"x": x.clone(), "y": y.clone(), "source": f"the held-out test split of {task.dataset}"}
 
 
 def observe(
@@ -26,6 +47,7 @@ def observe(
     y_train: Tensor,
     *,
     visibility: Visibility = Visibility.INDIVIDUAL,
+    public_data: PublicData | None = None,
 ) -> Observation:
     """What `threat`'s adversary sees of the captured round.
 
@@ -40,6 +62,8 @@ def observe(
         task: public facts about the task.
         y_train: the training labels (read only when `labels` is granted).
         visibility: what the server's aggregation protocol lets it see.
+        public_data: held-out examples no client trains on (the dataset's test split), handed
+            over only when `threat.knows` grants ``public_data``; required then.
     """
     target = threat.target.client
     side: dict[str, object] = {}
@@ -60,6 +84,10 @@ def observe(
             "batchnorm": federation.local.batchnorm,
             "num_steps": len(plan.steps) if plan is not None else None,
         }
+    if "public_data" in threat.knows:
+        if public_data is None:
+            raise ValueError("the threat model grants public_data, but none was passed to observe")
+        side["public_data"] = public_side_info(public_data, task)
     aggregate = weighted_mean(capture.updates) if capture.updates else None
     updates = capture.updates if visibility is Visibility.INDIVIDUAL else ()
     return Observation(
@@ -109,6 +137,7 @@ def observe_batch(
     knows: tuple[str, ...] = ("architecture",),
     train_mode: bool = True,
     client: int = 0,
+    public_data: PublicData | None = None,
 ) -> Observation:
     """The server's view of one FedSGD gradient that a client computes on the batch ``(x, y)``.
 
@@ -123,6 +152,7 @@ def observe_batch(
         knows: side information granted (``labels``, ``batch_size``, ``architecture``).
         train_mode: compute the gradient in training mode (BatchNorm on batch statistics).
         client: the client id to report.
+        public_data: examples disjoint from ``(x, y)``, granted when `knows` has ``public_data``.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
@@ -149,4 +179,8 @@ def observe_batch(
             "batchnorm": "train" if train_mode else "frozen",
             "num_steps": 1,
         }
+    if "public_data" in knows:
+        if public_data is None:
+            raise ValueError("knows grants public_data, but none was passed to observe_batch")
+        side["public_data"] = public_side_info(public_data, task)
     return Observation(1, client, state, (update,), None, side, task)

@@ -1,0 +1,442 @@
+"""Gradient inversion through a generative prior trained on public data (GIAS, GGL)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from gradaudit.attacks.base import (
+    ProgressFn,
+    attacker_model,
+    checked_update,
+    client_trains_batchnorm,
+    gradient_estimate,
+    not_applicable,
+)
+from gradaudit.attacks.inversion.image import cosine_distance, mean_dummy_gradient
+from gradaudit.attacks.inversion.priors import (
+    ConvDecoder,
+    PriorConfig,
+    TrainedPrior,
+    data_fingerprint,
+    load_or_train_prior,
+    one_hot,
+)
+from gradaudit.attacks.labels import LabelMethod, recover_labels
+from gradaudit.seeding import torch_generator
+from gradaudit.types import AttackResult, ClientUpdate, Normalization, Observation, Reconstruction
+
+logger = logging.getLogger(__name__)
+
+Trace = list[tuple[int, float, float]]
+
+
+class PriorInversionParams(BaseModel):
+    """Parameters of `prior_inversion`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    iterations: int = Field(500, ge=1, description="latent-search steps per restart")
+    generator_iterations: int = Field(
+        200,
+        ge=0,
+        description="steps of the second stage, which fine-tunes a copy of the generator per "
+        "image together with its code (GIAS); 0 = latent search only",
+    )
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget for both stages, split in proportion to their steps "
+        "(training the prior is not counted: it is cached)",
+    )
+    restarts: int = Field(1, ge=1, description="latent initialisations; the best goes to stage 2")
+    lr: float = Field(0.05, gt=0, description="Adam step size of the latent codes")
+    generator_lr: float = Field(1e-3, gt=0, description="Adam step size of the generator copies")
+    latent_weight: float = Field(
+        1e-3, ge=0, description="weight of the mean squared latent code (its Gaussian prior)"
+    )
+    generator_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the mean squared change of the generator's weights in stage 2",
+    )
+    lr_decay: bool = Field(True, description="divide lr by 10 at 3/8, 5/8 and 7/8 of a stage")
+    label_method: LabelMethod = Field("auto", description="label recovery when labels are unknown")
+    center_samples: int = Field(
+        8,
+        ge=0,
+        description="dummy batches whose mean gradient is subtracted from both gradients before "
+        "the cosine, as in inverting_gradients (0 = plain cosine)",
+    )
+    max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
+    client_mode: Literal["auto", "train", "eval"] = Field(
+        "auto",
+        description="BatchNorm mode of the client's update: auto reads the granted local "
+        "hyperparameters, else assumes train",
+    )
+    prior_epochs: int = Field(40, ge=1, description="training epochs of the prior")
+    prior_latent_dim: int = Field(16, ge=1, description="latent size of the prior")
+    prior_width: int = Field(32, ge=1, description="channel width of the prior's decoder")
+    prior_batch_size: int = Field(64, ge=1, description="training batch size of the prior")
+    prior_lr: float = Field(2e-3, gt=0, description="Adam step size of the prior's training")
+    prior_beta: float = Field(1.0, gt=0, description="KL weight of the prior's training loss")
+    public_examples: int = Field(
+        2000, ge=1, description="public examples the prior trains on (a seeded random subset)"
+    )
+    prior_seed: int = Field(0, description="seed of the prior's training (part of its cache key)")
+
+
+def public_training_set(
+    public: dict[str, object], norm: Normalization, limit: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Up to `limit` granted public examples, chosen by `generator`, in pixel space [0, 1].
+
+    Example:
+        >>> norm = Normalization((0.5,), (0.5,))
+        >>> public = {"x": torch.zeros(5, 1, 2, 2), "y": torch.arange(5)}
+        >>> x, y = public_training_set(public, norm, 3, torch.Generator().manual_seed(0))
+        >>> x.shape[0], float(x.max()), len(set(y.tolist()))
+        (3, 0.5, 3)
+    """
+    x, y = public["x"], public["y"]
+    assert isinstance(x, Tensor) and isinstance(y, Tensor)
+    if x.shape[0] > limit:
+        idx = torch.randperm(x.shape[0], generator=generator)[:limit].sort().values
+        x, y = x[idx], y[idx]
+    return norm.denormalize(x).clamp(0.0, 1.0), y.long()
+
+
+def generate_per_image(
+    decoder: ConvDecoder, weights: dict[str, Tensor], z: Tensor, onehot: Tensor
+) -> Tensor:
+    """Images from one generator copy per image: ``weights`` are stacked along dim 0."""
+
+    def one(w: dict[str, Tensor], code: Tensor, label: Tensor) -> Tensor:
+        return functional_call(decoder, w, (code[None], label[None]))[0]
+
+    return vmap(one)(weights, z, onehot)
+
+
+@dataclass(frozen=True)
+class _PriorProblem:
+    """What both stages need, fixed for the whole attack."""
+
+    model: nn.Module
+    labels: Tensor
+    onehot: Tensor
+    norm: Normalization
+    target: list[Tensor]
+    target_sq: Tensor
+    center: list[Tensor] | None
+    decoder: ConvDecoder
+
+
+@dataclass
+class _Run:
+    """Bookkeeping shared by the stages: clock, deadline, trace and progress."""
+
+    started: float
+    trace: Trace
+    progress: ProgressFn | None
+    total: int
+    done: int = 0
+
+    def record(self, step: int, every: int, last: int, cost: float, out_of_time: bool) -> None:
+        """Add a trace point on the first, every `every`-th and last step; report progress."""
+        if step == 1 or step % every == 0 or step == last or out_of_time:
+            self.trace.append((self.done + step, time.perf_counter() - self.started, cost))
+        if self.progress is not None:
+            self.progress(self.done + step, self.total)
+
+
+def _matching_cost(problem: _PriorProblem, pixels: Tensor) -> Tensor:
+    """Centred cosine distance between the gradient of `pixels` and the target's."""
+    x = problem.norm.normalize(pixels)
+    params = list(problem.model.parameters())
+    loss = nn.functional.cross_entropy(problem.model(x), problem.labels)
+    grads = list(torch.autograd.grad(loss, params, create_graph=True))
+    if problem.center is not None:
+        grads = [g - c for g, c in zip(grads, problem.center, strict=True)]
+    return cosine_distance(grads, problem.target, problem.target_sq)
+
+
+def _schedule(
+    optimiser: torch.optim.Optimizer, steps: int, decay: bool
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay else []
+    return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+
+
+class PriorInversionAttack:
+    """Reconstruct the target's images inside the range of a generator trained on public data.
+
+    The adversary trains a class-conditional VAE on public data from the task's distribution
+    (granted as ``public_data``: the held-out test split, disjoint from every client's training
+    data) and caches it. Stage 1 searches one latent code per image so that the generated
+    batch's gradient matches the target update in direction (the centred cosine of
+    `inverting_gradients`), with a Gaussian penalty on the codes; restarts keep the best.
+    Stage 2 (GIAS) fine-tunes one copy of the generator per image together with its code,
+    penalising the weights' departure from the trained generator, so the reconstruction can
+    leave the prior's range where the prior is too coarse. The decoder is conditioned on the
+    granted or recovered labels (as GGL conditions its generator on the inferred label). The
+    best candidate seen is kept; its objective, negated, is the attacker's confidence.
+
+    Jeon, Kim, Kim, Ahn & Sung, "Gradient Inversion with Generative Image Prior" (GIAS),
+    NeurIPS 2021. Li, Chen, Wang, Liu & Xia, "Auditing Privacy Defenses in Federated Learning
+    via Generative Gradient Leakage" (GGL), CVPR 2022.
+    Threat model: an honest-but-curious server that sees the individual update and has public
+    labelled data from the same task.
+    """
+
+    name: ClassVar[str] = "prior_inversion"
+
+    def __init__(self, params: PriorInversionParams) -> None:
+        self.params = params
+
+    def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        update, reason = checked_update(
+            obs, attack=self.name, images=True, max_images=self.params.max_images
+        )
+        if update is None:
+            return None, reason
+        public = obs.side_info.get("public_data")
+        if not isinstance(public, dict) or not isinstance(public.get("x"), Tensor):
+            return None, (
+                "prior_inversion trains its generative prior on public data, and the threat "
+                "model does not grant public_data"
+            )
+        if public["x"].shape[0] == 0:
+            return None, "the granted public data is empty"
+        return update, None
+
+    def applicable(self, obs: Observation) -> str | None:
+        """Needs an individual image update, the architecture, public data and few examples."""
+        return self._update(obs)[1]
+
+    def prior(self, obs: Observation) -> TrainedPrior:
+        """The generative prior this attack uses on `obs`: cached, else trained on its public data.
+
+        Raises:
+            ValueError: `obs` grants no public image data.
+        """
+        p = self.params
+        public = obs.side_info.get("public_data")
+        norm = obs.task.normalization
+        if not isinstance(public, dict) or norm is None:
+            raise ValueError("the prior needs public image data")
+        picker = torch_generator(p.prior_seed, "prior/public", obs.task.dataset)
+        x, y = public_training_set(public, norm, p.public_examples, picker)
+        channels, height, width = obs.task.input_shape
+        config = PriorConfig(
+            dataset=obs.task.dataset,
+            fingerprint=data_fingerprint(x, y),
+            input_shape=(channels, height, width),
+            num_classes=obs.task.num_classes,
+            latent_dim=p.prior_latent_dim,
+            width=p.prior_width,
+            epochs=p.prior_epochs,
+            batch_size=p.prior_batch_size,
+            lr=p.prior_lr,
+            beta=p.prior_beta,
+            seed=p.prior_seed,
+            examples=int(x.shape[0]),
+        )
+        return load_or_train_prior(config, x, y)
+
+    def run(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Invert the target's update into images through the prior."""
+        update, reason = self._update(obs)
+        if update is None:
+            return not_applicable(self.name, obs, str(reason))
+        p = self.params
+        prior = self.prior(obs)
+        started = time.perf_counter()
+        count = update.num_examples
+        train_mode = client_trains_batchnorm(obs, p.client_mode)
+        granted = obs.side_info.get("labels")
+        if isinstance(granted, Tensor):
+            labels, label_source = granted.clone(), "granted by the threat model"
+        else:
+            labels, method = recover_labels(
+                obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
+            )
+            label_source = f"recovered ({method})"
+        grads, grad_source = gradient_estimate(update, obs)
+        problem = self._problem(obs, model, grads, labels, train_mode, prior.decoder, rng)
+        latent_steps = p.iterations * p.restarts
+        run = _Run(started, [], progress, latent_steps + p.generator_iterations)
+        latent_deadline = generator_deadline = None
+        if p.max_seconds is not None:
+            share = latent_steps / (latent_steps + p.generator_iterations)
+            latent_deadline = started + p.max_seconds * share
+            generator_deadline = started + p.max_seconds
+        best_z, best_cost = None, float("inf")
+        for restart in range(p.restarts):
+            z0 = torch.randn((count, p.prior_latent_dim), generator=rng)
+            z, cost, steps = self._latent_search(problem, z0, latent_deadline, run)
+            run.done += steps
+            logger.info("prior_inversion restart %d: objective %.6f", restart, cost)
+            if cost < best_cost:
+                best_z, best_cost = z, cost
+            if latent_deadline is not None and time.perf_counter() >= latent_deadline:
+                break
+        assert best_z is not None
+        with torch.no_grad():
+            best_pixels = prior.decoder(best_z, problem.onehot)
+        latent_cost = best_cost
+        generator_steps = 0
+        if p.generator_iterations > 0:
+            pixels, cost, generator_steps = self._generator_search(
+                problem, best_z, generator_deadline, run
+            )
+            run.done += generator_steps
+            if cost < best_cost:
+                best_pixels, best_cost = pixels, cost
+        return AttackResult(
+            self.name,
+            obs.round,
+            obs.target_client,
+            "ok",
+            reconstruction=Reconstruction(
+                images=best_pixels.clamp(0.0, 1.0),
+                labels=labels,
+                confidence=torch.full((count,), -best_cost, dtype=torch.float64),
+            ),
+            seconds=time.perf_counter() - started + prior.seconds,
+            details={
+                "labels": label_source,
+                "gradient": grad_source,
+                "iterations_run": run.done,
+                "generator_iterations_run": generator_steps,
+                "objective": best_cost,
+                "latent_objective": latent_cost,
+                "centred": problem.center is not None,
+                "prior": {
+                    "kind": "class-conditional VAE",
+                    "key": prior.key[:16],
+                    "cache": "hit" if prior.from_cache else "miss (trained now)",
+                    "seconds": round(prior.seconds, 3),
+                    "public_examples": prior.config.examples,
+                    "public_source": obs.side_info["public_data"]["source"],  # type: ignore[index]
+                    "final_loss": prior.final_loss,
+                },
+                "recipe": p.model_dump(),
+            },
+            trace=tuple(run.trace),
+        )
+
+    def _problem(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        grads: dict[str, Tensor],
+        labels: Tensor,
+        train_mode: bool,
+        decoder: ConvDecoder,
+        rng: torch.Generator,
+    ) -> _PriorProblem:
+        assert obs.task.normalization is not None
+        attacker = attacker_model(model, obs)
+        attacker.train(train_mode)
+        target = [grads[n].detach() for n, _ in attacker.named_parameters()]
+        center = None
+        if self.params.center_samples > 0:
+            center = mean_dummy_gradient(
+                attacker, labels, obs.task, rng, samples=self.params.center_samples
+            )
+            target = [t - c for t, c in zip(target, center, strict=True)]
+        return _PriorProblem(
+            model=attacker,
+            labels=labels,
+            onehot=one_hot(labels, obs.task.num_classes),
+            norm=obs.task.normalization,
+            target=target,
+            target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
+            center=center,
+            decoder=decoder,
+        )
+
+    def _latent_search(
+        self, problem: _PriorProblem, z0: Tensor, deadline: float | None, run: _Run
+    ) -> tuple[Tensor, float, int]:
+        """Stage 1, one restart: the best code seen, its objective, and the steps run."""
+        p = self.params
+        z = z0.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([z], lr=p.lr)
+        scheduler = _schedule(optimiser, p.iterations, p.lr_decay)
+        best_z, best_cost = z.detach().clone(), float("inf")
+        every = max(1, p.iterations // 200)
+        step = 0
+        for step in range(1, p.iterations + 1):
+            objective = _matching_cost(problem, problem.decoder(z, problem.onehot))
+            objective = objective + p.latent_weight * z.pow(2).mean()
+            (z.grad,) = torch.autograd.grad(objective, [z])
+            cost = float(objective.detach())
+            if cost < best_cost:
+                best_cost, best_z = cost, z.detach().clone()
+            optimiser.step()
+            scheduler.step()
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            run.record(step, every, p.iterations, cost, out_of_time)
+            if out_of_time:
+                break
+        return best_z, best_cost, step
+
+    def _generator_search(
+        self, problem: _PriorProblem, z0: Tensor, deadline: float | None, run: _Run
+    ) -> tuple[Tensor, float, int]:
+        """Stage 2 (GIAS): fine-tune a generator copy per image with its code.
+
+        Returns:
+            The best images seen (pixel space), their objective, and the steps run.
+        """
+        p = self.params
+        count = int(z0.shape[0])
+        original = {n: w.detach() for n, w in problem.decoder.named_parameters()}
+        numel = sum(w.numel() for w in original.values())
+        weights = {
+            n: w.unsqueeze(0).repeat(count, *([1] * w.dim())).requires_grad_(True)
+            for n, w in original.items()
+        }
+        z = z0.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam(
+            [{"params": [z], "lr": p.lr}, {"params": list(weights.values())}],
+            lr=p.generator_lr,
+        )
+        scheduler = _schedule(optimiser, p.generator_iterations, p.lr_decay)
+        best_pixels, best_cost = torch.empty(0), float("inf")
+        every = max(1, p.generator_iterations // 200)
+        step = 0
+        for step in range(1, p.generator_iterations + 1):
+            pixels = generate_per_image(problem.decoder, weights, z, problem.onehot)
+            drift = sum((weights[n] - original[n]).pow(2).sum() for n in original) / (numel * count)
+            objective = _matching_cost(problem, pixels)
+            objective = objective + p.latent_weight * z.pow(2).mean() + p.generator_weight * drift
+            variables = [z, *weights.values()]
+            for variable, grad in zip(
+                variables, torch.autograd.grad(objective, variables), strict=True
+            ):
+                variable.grad = grad
+            cost = float(objective.detach())
+            if cost < best_cost:
+                best_cost, best_pixels = cost, pixels.detach().clone()
+            optimiser.step()
+            scheduler.step()
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            run.record(step, every, p.generator_iterations, cost, out_of_time)
+            if out_of_time:
+                break
+        return best_pixels, best_cost, step
