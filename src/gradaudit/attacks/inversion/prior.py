@@ -20,7 +20,11 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     not_applicable,
 )
-from gradaudit.attacks.inversion.image import cosine_distance, mean_dummy_gradient
+from gradaudit.attacks.inversion.image import (
+    cosine_distance,
+    mean_dummy_gradient,
+    schedule_factor,
+)
 from gradaudit.attacks.inversion.priors import (
     ConvDecoder,
     PriorConfig,
@@ -66,7 +70,11 @@ class PriorInversionParams(BaseModel):
         ge=0,
         description="weight of the mean squared change of the generator's weights in stage 2",
     )
-    lr_decay: bool = Field(True, description="divide lr by 10 at 3/8, 5/8 and 7/8 of a stage")
+    schedule: Literal["step", "cosine", "constant"] = Field(
+        "step",
+        description="learning-rate schedule of each stage, over its steps or its share of "
+        "max_seconds, whichever is further along (as in inverting_gradients)",
+    )
     label_method: LabelMethod = Field("auto", description="label recovery when labels are unknown")
     center_samples: int = Field(
         8,
@@ -139,7 +147,7 @@ class _PriorProblem:
 
 @dataclass
 class _Run:
-    """Bookkeeping shared by the stages: clock, deadline, trace and progress."""
+    """Bookkeeping shared by the stages: start time, steps done, trace and progress."""
 
     started: float
     trace: Trace
@@ -166,11 +174,35 @@ def _matching_cost(problem: _PriorProblem, pixels: Tensor) -> Tensor:
     return cosine_distance(grads, problem.target, problem.target_sq)
 
 
-def _schedule(
-    optimiser: torch.optim.Optimizer, steps: int, decay: bool
-) -> torch.optim.lr_scheduler.MultiStepLR:
-    milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay else []
-    return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
+@dataclass(frozen=True)
+class _Clock:
+    """One stage's (or restart's) plan: `steps` steps or `budget` seconds from `begun`."""
+
+    begun: float
+    steps: int
+    budget: float | None
+
+    @classmethod
+    def start(cls, steps: int, deadline: float | None, shares: int = 1) -> _Clock:
+        """A plan for `steps` steps and an equal share (of `shares`) of the time left."""
+        now = time.perf_counter()
+        return cls(now, steps, (deadline - now) / shares if deadline is not None else None)
+
+    def fraction(self, step: int) -> float:
+        """How far along the plan is before `step` (from 0): by steps or by time."""
+        done = step / self.steps
+        if self.budget is not None and self.budget > 0:
+            done = max(done, (time.perf_counter() - self.begun) / self.budget)
+        return done
+
+    def out_of_time(self) -> bool:
+        """Whether the time share is spent."""
+        return self.budget is not None and time.perf_counter() >= self.begun + self.budget
+
+
+def _set_lr(optimiser: torch.optim.Optimizer, bases: list[float], factor: float) -> None:
+    for group, base in zip(optimiser.param_groups, bases, strict=True):
+        group["lr"] = base * factor
 
 
 class PriorInversionAttack:
@@ -286,7 +318,8 @@ class PriorInversionAttack:
         best_z, best_cost = None, float("inf")
         for restart in range(p.restarts):
             z0 = torch.randn((count, p.prior_latent_dim), generator=rng)
-            z, cost, steps = self._latent_search(problem, z0, latent_deadline, run)
+            clock = _Clock.start(p.iterations, latent_deadline, p.restarts - restart)
+            z, cost, steps = self._latent_search(problem, z0, clock, run)
             run.done += steps
             logger.info("prior_inversion restart %d: objective %.6f", restart, cost)
             if cost < best_cost:
@@ -299,9 +332,8 @@ class PriorInversionAttack:
         latent_cost = best_cost
         generator_steps = 0
         if p.generator_iterations > 0:
-            pixels, cost, generator_steps = self._generator_search(
-                problem, best_z, generator_deadline, run
-            )
+            clock = _Clock.start(p.generator_iterations, generator_deadline)
+            pixels, cost, generator_steps = self._generator_search(problem, best_z, clock, run)
             run.done += generator_steps
             if cost < best_cost:
                 best_pixels, best_cost = pixels, cost
@@ -370,17 +402,17 @@ class PriorInversionAttack:
         )
 
     def _latent_search(
-        self, problem: _PriorProblem, z0: Tensor, deadline: float | None, run: _Run
+        self, problem: _PriorProblem, z0: Tensor, clock: _Clock, run: _Run
     ) -> tuple[Tensor, float, int]:
         """Stage 1, one restart: the best code seen, its objective, and the steps run."""
         p = self.params
         z = z0.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([z], lr=p.lr)
-        scheduler = _schedule(optimiser, p.iterations, p.lr_decay)
         best_z, best_cost = z.detach().clone(), float("inf")
         every = max(1, p.iterations // 200)
         step = 0
         for step in range(1, p.iterations + 1):
+            _set_lr(optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step - 1)))
             objective = _matching_cost(problem, problem.decoder(z, problem.onehot))
             objective = objective + p.latent_weight * z.pow(2).mean()
             (z.grad,) = torch.autograd.grad(objective, [z])
@@ -388,15 +420,14 @@ class PriorInversionAttack:
             if cost < best_cost:
                 best_cost, best_z = cost, z.detach().clone()
             optimiser.step()
-            scheduler.step()
-            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            out_of_time = clock.out_of_time()
             run.record(step, every, p.iterations, cost, out_of_time)
             if out_of_time:
                 break
         return best_z, best_cost, step
 
     def _generator_search(
-        self, problem: _PriorProblem, z0: Tensor, deadline: float | None, run: _Run
+        self, problem: _PriorProblem, z0: Tensor, clock: _Clock, run: _Run
     ) -> tuple[Tensor, float, int]:
         """Stage 2 (GIAS): fine-tune a generator copy per image with its code.
 
@@ -416,11 +447,12 @@ class PriorInversionAttack:
             [{"params": [z], "lr": p.lr}, {"params": list(weights.values())}],
             lr=p.generator_lr,
         )
-        scheduler = _schedule(optimiser, p.generator_iterations, p.lr_decay)
         best_pixels, best_cost = torch.empty(0), float("inf")
         every = max(1, p.generator_iterations // 200)
         step = 0
         for step in range(1, p.generator_iterations + 1):
+            factor = schedule_factor(p.schedule, clock.fraction(step - 1))
+            _set_lr(optimiser, [p.lr, p.generator_lr], factor)
             pixels = generate_per_image(problem.decoder, weights, z, problem.onehot)
             drift = sum((weights[n] - original[n]).pow(2).sum() for n in original) / (numel * count)
             objective = _matching_cost(problem, pixels)
@@ -434,8 +466,7 @@ class PriorInversionAttack:
             if cost < best_cost:
                 best_cost, best_pixels = cost, pixels.detach().clone()
             optimiser.step()
-            scheduler.step()
-            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            out_of_time = clock.out_of_time()
             run.record(step, every, p.generator_iterations, cost, out_of_time)
             if out_of_time:
                 break
