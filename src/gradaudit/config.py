@@ -110,6 +110,14 @@ class ThreatSpec(Spec):
     """Side information granted. ``public_data``: labelled examples from the task's distribution
     that no client trains on (the dataset's held-out test split), e.g. for a generative prior."""
     target: TargetSpec = TargetSpec()
+    keep_threshold: float = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="the attacker keeps a reconstructed image when its confidence (a cosine "
+        "between its gradient and its share of the observed update, "
+        "attacks.validation) reaches this value; the report says how precise that choice is",
+    )
 
 
 class Scenario(Spec):

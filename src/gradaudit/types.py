@@ -175,6 +175,8 @@ class AttackResult:
         seconds: wall-clock seconds the attack took.
         details: attack-specific facts for the report (method used, iterations run, losses).
         trace: (iteration, seconds, loss) points of an optimisation, for convergence plots.
+        snapshots: (seconds since the attack started, the best reconstruction so far in pixel
+            space [0, 1], (N, C, H, W)) pairs, for PSNR-vs-seconds curves.
     """
 
     attack: str
@@ -186,3 +188,4 @@ class AttackResult:
     seconds: float = 0.0
     details: Mapping[str, object] = field(default_factory=dict)
     trace: tuple[tuple[int, float, float], ...] = ()
+    snapshots: tuple[tuple[float, Tensor], ...] = ()

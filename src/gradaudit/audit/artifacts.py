@@ -1,4 +1,4 @@
-"""Pictures an audit saves beside its report: true vs reconstructed images, utility curves."""
+"""Pictures an audit saves beside its report: true vs reconstructed images, curves."""
 
 from __future__ import annotations
 
@@ -71,6 +71,35 @@ def convergence_png(traces: dict[str, Sequence[Sequence[float]]]) -> bytes:
     ax.set_xlabel("seconds")
     ax.set_ylabel("attack objective")
     ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def psnr_curve_png(
+    curves: dict[str, Sequence[Sequence[float]]], *, recognisable_db: float | None = None
+) -> bytes:
+    """Mean PSNR of the reconstruction against seconds, one line per attack.
+
+    Args:
+        curves: label -> ``[[seconds, psnr], ...]``.
+        recognisable_db: draw a dashed line at this PSNR (the "recognisable" threshold).
+    """
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    for label, curve in curves.items():
+        if curve:
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=".", label=label)
+    if recognisable_db is not None:
+        ax.axhline(
+            recognisable_db,
+            color="#59636e",
+            linestyle="--",
+            linewidth=1,
+            label=f"recognisable ({recognisable_db:g} dB)",
+        )
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("PSNR (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

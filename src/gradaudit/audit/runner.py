@@ -17,18 +17,32 @@ import torch
 
 import gradaudit
 from gradaudit.attacks import build_attack
-from gradaudit.attacks.base import Attack
+from gradaudit.attacks.base import (
+    Attack,
+    attacker_model,
+    client_trains_batchnorm,
+    gradient_estimate,
+    target_update,
+)
+from gradaudit.attacks.validation import Validation, validate_reconstruction
 from gradaudit.audit import artifacts
 from gradaudit.audit.io import atomic_write_json, read_json
 from gradaudit.audit.risk import assess
-from gradaudit.audit.scoring import score_reconstruction
+from gradaudit.audit.scoring import (
+    RECOGNISABLE_PSNR,
+    psnr_curve,
+    score_reconstruction,
+    score_validation,
+    validation_metrics,
+)
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
 from gradaudit.federation import RoundRecord, run_federation
+from gradaudit.metrics import match_reconstructions
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng, torch_generator
 from gradaudit.threat import describe_threat, observe
-from gradaudit.types import AttackResult
+from gradaudit.types import AttackResult, Observation
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +184,9 @@ def run_audit(
         attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
         result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
+        validation = validate(result, attack, obs, model)
         entry = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
+        _add_validation(entry, result, validation, true_images, scenario.threat.keep_threshold)
         if result.status != "failed":  # a failure is retried by the next run
             atomic_write_json(cached, entry)
         attack_entries.append(entry)
@@ -228,6 +244,17 @@ def run_audit(
     if traces:
         artifacts.save_png(out_dir / "convergence.png", artifacts.convergence_png(traces))
         report["artifacts"].append("convergence.png")
+    curves = {
+        f"{e['attack']} (client {e['client']})": e["psnr_curve"]
+        for e in attack_entries
+        if e.get("psnr_curve")
+    }
+    if curves:
+        artifacts.save_png(
+            out_dir / "psnr_curve.png",
+            artifacts.psnr_curve_png(curves, recognisable_db=RECOGNISABLE_PSNR),
+        )
+        report["artifacts"].append("psnr_curve.png")
     report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
     write_report(report, out_dir)
     return report
@@ -250,6 +277,74 @@ def _run_one(
             seconds=time.perf_counter() - started,
             details={"traceback": traceback.format_exc(limit=8)},
         )
+
+
+def validate(
+    result: AttackResult, attack: Attack, obs: Observation, model: torch.nn.Module
+) -> Validation | str | None:
+    """The attacker's own confidence in each image `result` reconstructed.
+
+    Uses only the observation and the reconstruction (`attacks.validation`), with the
+    BatchNorm mode the attack assumed (its ``client_mode`` parameter, else ``auto``). Labels
+    are those the attack used, else the granted ones.
+
+    Returns:
+        The validation; None when there is nothing to validate (no images, or the attack did
+        not succeed); a sentence when validation was not possible or failed.
+    """
+    rec = result.reconstruction
+    norm = obs.task.normalization
+    if result.status != "ok" or rec.images is None or norm is None:
+        return None
+    update, reason = target_update(obs)
+    if update is None:
+        return f"no update to validate against: {reason}"
+    labels = rec.labels
+    granted = obs.side_info.get("labels")
+    if labels is None and isinstance(granted, torch.Tensor):
+        labels = granted
+    mode = getattr(getattr(attack, "params", None), "client_mode", "auto")
+    target, _ = gradient_estimate(update, obs)
+    try:
+        return validate_reconstruction(
+            attacker_model(model, obs),
+            norm.normalize(rec.images),
+            labels,
+            target,
+            train_mode=client_trains_batchnorm(obs, mode),
+            fit_scale=update.kind == "delta",
+        )
+    except (ValueError, RuntimeError) as exc:  # a report without confidences beats no report
+        logger.debug("validation of %s failed", result.attack, exc_info=True)
+        return f"validation failed: {type(exc).__name__}: {exc}"
+
+
+def _add_validation(
+    entry: dict[str, Any],
+    result: AttackResult,
+    validation: Validation | str | None,
+    true_images: torch.Tensor | None,
+    threshold: float,
+) -> None:
+    """Put the keep rule's outcome, the per-image table and the PSNR curve into `entry`."""
+    entry["psnr_curve"] = []
+    if result.status != "ok" or true_images is None:
+        return
+    rec = result.reconstruction
+    if result.snapshots:
+        entry["psnr_curve"] = psnr_curve(result.snapshots, true_images)
+    if isinstance(validation, str):
+        entry["validation"] = {"method": None, "note": validation}
+        return
+    if validation is None or rec.images is None or rec.images.shape != true_images.shape:
+        return
+    perm = match_reconstructions(rec.images, true_images)
+    summary, rows = score_validation(
+        rec.images, true_images, perm, validation.confidence, threshold, rec.labels
+    )
+    entry["validation"] = {"method": validation.method, "note": validation.note, **summary}
+    entry["per_example"] = rows
+    entry["metrics"].update(validation_metrics(summary))
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from scipy import stats
 from torch import Tensor
 
+from gradaudit.audit.risk import IMAGE_HIGH_PSNR, IMAGE_HIGH_SSIM
 from gradaudit.metrics import label_accuracy, match_reconstructions, psnr, ssim
 from gradaudit.types import Reconstruction
+
+RECOGNISABLE_PSNR = IMAGE_HIGH_PSNR
+"""dB from which one reconstructed image counts as recognisable (the risk level's threshold)."""
+RECOGNISABLE_SSIM = IMAGE_HIGH_SSIM
+"""SSIM from which one reconstructed image counts as recognisable."""
+RECOGNISABLE_DEFINITION = f"PSNR ≥ {RECOGNISABLE_PSNR:g} dB or SSIM ≥ {RECOGNISABLE_SSIM:g}"
 
 
 def finite(value: float, cap: float = 100.0) -> float:
@@ -49,3 +59,152 @@ def score_reconstruction(
             torch.equal(torch.sort(rec.labels.long()).values, torch.sort(true_labels.long()).values)
         )
     return metrics, perm
+
+
+def recognisable(per_psnr: Tensor, per_ssim: Tensor) -> Tensor:
+    """Which reconstructions count as recognisable: `RECOGNISABLE_DEFINITION`, per image.
+
+    Example:
+        >>> recognisable(torch.tensor([25.0, 12.0, 12.0]), torch.tensor([0.1, 0.7, 0.2])).tolist()
+        [True, True, False]
+    """
+    return (per_psnr >= RECOGNISABLE_PSNR) | (per_ssim >= RECOGNISABLE_SSIM)
+
+
+def rank_correlations(confidence: Sequence[float], quality: Sequence[float]) -> dict[str, Any]:
+    """Spearman's rho and Kendall's tau-b between confidence and quality (e.g. PSNR).
+
+    Undefined (None) for fewer than two images or when either side is constant (one confidence
+    for a whole batch, say).
+
+    Example:
+        >>> rank_correlations([0.9, 0.5, 0.7], [30.0, 10.0, 20.0])
+        {'spearman': 1.0, 'kendall': 1.0}
+        >>> rank_correlations([0.4, 0.4], [30.0, 10.0])
+        {'spearman': None, 'kendall': None}
+    """
+    if len(confidence) != len(quality):
+        raise ValueError(f"{len(confidence)} confidences but {len(quality)} quality values")
+    if len(confidence) < 2 or len(set(confidence)) < 2 or len(set(quality)) < 2:
+        return {"spearman": None, "kendall": None}
+    rho = stats.spearmanr(confidence, quality).statistic
+    tau = stats.kendalltau(confidence, quality).statistic
+    return {"spearman": float(rho), "kendall": float(tau)}
+
+
+def score_validation(
+    rec_images: Tensor,
+    true_images: Tensor,
+    perm: Tensor,
+    confidence: Tensor,
+    threshold: float,
+    labels: Tensor | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """How well the attacker's keep rule (confidence ≥ `threshold`) picks recognisable images.
+
+    The attacker keeps every reconstruction whose confidence reaches the threshold; only the
+    scorer knows which of them are recognisable (`RECOGNISABLE_DEFINITION`).
+
+    Args:
+        rec_images: (N, C, H, W) reconstructions in pixel space, the attacker's order.
+        true_images: (N, C, H, W) the private truth.
+        perm: the matching, ``rec_images[perm[i]]`` is the reconstruction of ``true_images[i]``.
+        confidence: (N,) the attacker's confidence per reconstruction (attacker's order).
+        threshold: the keep rule's threshold.
+        labels: (N,) the labels the attacker used per reconstruction, shown in the table.
+
+    Returns:
+        ``(summary, rows)``: the summary holds ``total``, ``kept``, ``recognisable``,
+        ``kept_recognisable``, ``keep_precision`` (recognisable among kept; None if none kept),
+        ``keep_recall`` (kept among recognisable; None if none is), ``spearman`` and ``kendall``
+        (confidence vs PSNR), ``threshold`` and ``recognisable_definition``. One row per true
+        image, in the order of the comparison picture: ``image``, ``reconstruction``,
+        ``label``, ``psnr``, ``ssim``, ``recognisable``, ``confidence``, ``kept``.
+    """
+    if confidence.shape != (rec_images.shape[0],):
+        raise ValueError(
+            f"{tuple(confidence.shape)} confidences for {rec_images.shape[0]} reconstructions"
+        )
+    matched = rec_images[perm]
+    per_psnr = psnr(matched, true_images).clamp(max=100.0)
+    per_ssim = ssim(matched, true_images)
+    good = recognisable(per_psnr, per_ssim)
+    conf = confidence.detach().to(torch.float64)[perm]
+    kept = conf >= threshold
+    rows = [
+        {
+            "image": i,
+            "reconstruction": int(perm[i]),
+            "label": int(labels[perm[i]]) if labels is not None else None,
+            "psnr": finite(float(per_psnr[i])),
+            "ssim": float(per_ssim[i]),
+            "recognisable": bool(good[i]),
+            "confidence": float(conf[i]),
+            "kept": bool(kept[i]),
+        }
+        for i in range(int(perm.shape[0]))
+    ]
+    n_kept, n_good = int(kept.sum()), int(good.sum())
+    hits = int((kept & good).sum())
+    summary: dict[str, Any] = {
+        "threshold": float(threshold),
+        "recognisable_definition": RECOGNISABLE_DEFINITION,
+        "total": len(rows),
+        "kept": n_kept,
+        "recognisable": n_good,
+        "kept_recognisable": hits,
+        "keep_precision": hits / n_kept if n_kept else None,
+        "keep_recall": hits / n_good if n_good else None,
+        **rank_correlations([r["confidence"] for r in rows], [r["psnr"] for r in rows]),
+    }
+    return summary, rows
+
+
+def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's numbers that go into an attack's metrics (the defined ones only).
+
+    Example:
+        >>> validation_metrics({"kept": 2, "keep_precision": 0.5, "keep_recall": None,
+        ...                     "spearman": 0.8, "kendall": 0.6})
+        {'kept': 2.0, 'keep_precision': 0.5, 'confidence_spearman': 0.8, 'confidence_kendall': 0.6}
+    """
+    names = {
+        "kept": "kept",
+        "keep_precision": "keep_precision",
+        "keep_recall": "keep_recall",
+        "spearman": "confidence_spearman",
+        "kendall": "confidence_kendall",
+    }
+    return {out: float(summary[key]) for key, out in names.items() if summary[key] is not None}
+
+
+def psnr_curve(snapshots: Sequence[tuple[float, Tensor]], true_images: Tensor) -> list[list[float]]:
+    """Mean PSNR of each snapshot of a reconstruction against the truth, by seconds.
+
+    Each snapshot is matched to the truth on its own (`match_reconstructions`), as the final
+    reconstruction is; PSNR of identical images is capped at 100 dB.
+
+    Args:
+        snapshots: ``(seconds since the attack started, images)`` pairs, images in pixel space
+            [0, 1], shaped like `true_images`.
+        true_images: (N, C, H, W) the private truth.
+
+    Returns:
+        ``[[seconds, psnr], ...]`` in order of seconds.
+
+    Example:
+        >>> truth = torch.zeros(1, 1, 4, 4)
+        >>> psnr_curve([(2.0, truth + 0.01), (1.0, truth + 0.1)], truth)
+        [[1.0, 20.0], [2.0, 40.0]]
+    """
+    curve = []
+    for seconds, images in sorted(snapshots, key=lambda s: s[0]):
+        if images.shape != true_images.shape:
+            raise ValueError(
+                f"a snapshot at {seconds:.3g} s is {tuple(images.shape)} but the truth is "
+                f"{tuple(true_images.shape)}"
+            )
+        perm = match_reconstructions(images, true_images)
+        value = float(psnr(images[perm], true_images).clamp(max=100.0).mean())
+        curve.append([round(float(seconds), 3), round(finite(value), 4)])
+    return curve

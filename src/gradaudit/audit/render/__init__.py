@@ -19,6 +19,11 @@ _METRIC_FORMATS = {
     "ssim": ("SSIM", "{:.3f}"),
     "label_accuracy": ("label accuracy", "{:.1%}"),
     "labels_exact": ("all labels exact", "{:.0f}"),
+    "kept": ("kept by the attacker", "{:.0f}"),
+    "keep_precision": ("precision of keeping", "{:.0%}"),
+    "keep_recall": ("recall of keeping", "{:.0%}"),
+    "confidence_spearman": ("confidence vs PSNR (Spearman)", "{:.2f}"),
+    "confidence_kendall": ("confidence vs PSNR (Kendall)", "{:.2f}"),
 }
 
 
@@ -27,6 +32,61 @@ def _format_metric(key: str, value: float) -> tuple[str, str]:
     if key == "labels_exact":
         return label, "yes" if value else "no"
     return label, fmt.format(value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def validation_sentence(validation: dict[str, Any]) -> str:
+    """What the attacker's keep rule did, in words, from an attack's ``validation`` entry.
+
+    Example:
+        >>> validation_sentence({"method": "leave_one_out", "threshold": 0.5, "total": 4,
+        ...     "kept": 3, "recognisable": 3, "kept_recognisable": 3, "keep_precision": 1.0,
+        ...     "keep_recall": 1.0, "recognisable_definition": "PSNR ≥ 20 dB or SSIM ≥ 0.5"})
+        'The attacker would keep 3 of 4 reconstructions (confidence ≥ 0.50); 3 of those are \
+recognisable (PSNR ≥ 20 dB or SSIM ≥ 0.5): precision 100%. It keeps 3 of the 3 recognisable \
+ones: recall 100%.'
+    """
+    if validation.get("method") is None:
+        return str(validation.get("note", "The reconstructions were not validated."))
+    total, kept = validation["total"], validation["kept"]
+    good, hits = validation["recognisable"], validation["kept_recognisable"]
+    rule = f"(confidence ≥ {validation['threshold']:.2f})"
+    definition = validation["recognisable_definition"]
+    if kept:
+        first = (
+            f"The attacker would keep {kept} of {_count(total, 'reconstruction')} {rule}; "
+            f"{hits} of those {'is' if hits == 1 else 'are'} recognisable ({definition}): "
+            f"precision {validation['keep_precision']:.0%}."
+        )
+    else:
+        first = (
+            f"The attacker would keep none of its {_count(total, 'reconstruction')} {rule}; "
+            f"{good} of them {'is' if good == 1 else 'are'} recognisable ({definition})."
+        )
+    if not good:
+        return first + " None is recognisable, so there is nothing to miss."
+    return (
+        f"{first} It keeps {hits} of the {good} recognisable "
+        f"{'one' if good == 1 else 'ones'}: recall {validation['keep_recall']:.0%}."
+    )
+
+
+def ranking_sentence(validation: dict[str, Any]) -> str | None:
+    """How well confidence ranks the reconstructions by PSNR, or None if not defined.
+
+    Example:
+        >>> ranking_sentence({"spearman": 0.8, "kendall": 0.6})
+        'Confidence against PSNR: Spearman ρ = 0.80, Kendall τ = 0.60.'
+    """
+    if validation.get("spearman") is None:
+        return None
+    return (
+        f"Confidence against PSNR: Spearman ρ = {validation['spearman']:.2f}, "
+        f"Kendall τ = {validation['kendall']:.2f}."
+    )
 
 
 def _inline(out_dir: Path, relative: str) -> str | None:
@@ -65,11 +125,16 @@ def render_html(out_dir: Path) -> Path:
     attacks = []
     for item in report["attacks"]:
         images = [src for src in (_inline(out_dir, a) for a in item.get("artifacts", [])) if src]
+        validation = item.get("validation")
         attacks.append(
             {
                 **item,
                 "metric_rows": [_format_metric(k, v) for k, v in item.get("metrics", {}).items()],
                 "images": images,
+                "validation": validation,
+                "validation_sentence": validation_sentence(validation) if validation else None,
+                "ranking_sentence": ranking_sentence(validation) if validation else None,
+                "per_example": item.get("per_example", []),
             }
         )
     html = env.get_template("report.html.j2").render(
@@ -81,6 +146,11 @@ def render_html(out_dir: Path) -> Path:
             if "convergence.png" in report.get("artifacts", [])
             else None
         ),
+        psnr_curve_img=(
+            _inline(out_dir, "psnr_curve.png")
+            if "psnr_curve.png" in report.get("artifacts", [])
+            else None
+        ),
         scenario_yaml=yaml.safe_dump(report["scenario"], sort_keys=False),
     )
     path = out_dir / "report.html"
@@ -88,4 +158,4 @@ def render_html(out_dir: Path) -> Path:
     return path
 
 
-__all__ = ["load_report", "render_html"]
+__all__ = ["load_report", "ranking_sentence", "render_html", "validation_sentence"]
