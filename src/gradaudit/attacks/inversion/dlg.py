@@ -38,7 +38,18 @@ class DLGParams(BaseModel):
     iterations: int = Field(300, ge=1, description="L-BFGS steps per restart (as in DLG's code)")
     inner: int = Field(20, ge=1, description="L-BFGS iterations in each step (torch's default)")
     max_seconds: float | None = Field(None, gt=0, description="wall-clock budget for all restarts")
-    restarts: int = Field(1, ge=1, description="independent initialisations; the best is kept")
+    restarts: int = Field(
+        4,
+        ge=1,
+        description="random starts at most; a start that stalls (see patience) gives way to the "
+        "next, and the best candidate of all is kept",
+    )
+    patience: int = Field(
+        5,
+        ge=1,
+        description="abandon a start whose distance has not fallen by 1 % in this many L-BFGS "
+        "steps, while starts remain",
+    )
     lr: float = Field(1.0, gt=0, description="L-BFGS step size")
     history: int = Field(100, ge=1, description="L-BFGS history size")
     max_images: int = Field(8, ge=1, description="refuse updates computed on more examples")
@@ -173,6 +184,7 @@ class DLGAttack:
                 tolerance_change=0.0,
             )
             current = {"loss": math.inf}
+            restart_best: list[float] = []  # this start's best distance after each step
             closure = _distance_closure(
                 attacker, replay, target, x, label_logits, fixed_labels, optimiser, current
             )
@@ -194,6 +206,16 @@ class DLGAttack:
                     progress(done, p.iterations * p.restarts)
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
+                restart_best.append(min(distance, restart_best[-1]) if restart_best else distance)
+                if (
+                    restart + 1 < p.restarts
+                    and len(restart_best) > p.patience
+                    and restart_best[-1] > 0.99 * restart_best[-1 - p.patience]
+                ):
+                    logger.info("dlg restart %d stalled at step %d; starting again", restart, step)
+                    break
+            else:
+                break  # this start used all its iterations: no further start
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         if best is None:
