@@ -177,13 +177,7 @@ def test_builtin_quickstart_is_valid() -> None:
 @pytest.mark.data
 @pytest.mark.parametrize(
     "name",
-    [
-        "quickstart",
-        "mnist-fedsgd",
-        "cifar10-fedsgd",
-        "pneumonia-12-hospitals",
-        "heart-disease-sites",
-    ],
+    sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "scenarios").glob("*.yaml")),
 )
 def test_ready_scenarios_validate(name: str, shared_data_dir: Path) -> None:
     from gradaudit.config import load_scenario
