@@ -111,12 +111,13 @@ class ThreatSpec(Spec):
     that no client trains on (the dataset's held-out test split), e.g. for a generative prior."""
     target: TargetSpec = TargetSpec()
     keep_threshold: float = Field(
-        0.5,
+        0.75,
         ge=-1,
         le=1,
         description="the attacker keeps a reconstructed image when its confidence (a cosine "
         "between its gradient and its share of the observed update, "
-        "attacks.validation) reaches this value; the report says how precise that choice is",
+        "attacks.validation) reaches this value; the report says how precise that choice is "
+        "(0.75: calibrated on CIFAR-10 and digits, docs/BENCHMARKS.md)",
     )
 
 

@@ -150,12 +150,12 @@ def test_report_has_validation_table_and_psnr_curve_and_resumes(tmp_path, monkey
     assert len(rows) == 3
     by_rec = {r["reconstruction"]: r for r in rows}
     confidences = [by_rec[k]["confidence"] for k in range(3)]
-    assert min(confidences) == confidences[2] < 0.5  # the noise image is flagged
+    assert min(confidences) == confidences[2] < 0.3  # the noise image is flagged
     assert [by_rec[k]["recognisable"] for k in range(3)] == [True, True, False]
     assert entry["validation"]["method"] == "leave_one_out"
-    assert entry["validation"]["threshold"] == 0.5
+    assert entry["validation"]["threshold"] == scenario.threat.keep_threshold == 0.75
     kept = [by_rec[k]["kept"] for k in range(3)]
-    assert kept == [c >= 0.5 for c in (by_rec[k]["confidence"] for k in range(3))]
+    assert kept == [c >= 0.75 for c in confidences]
     assert entry["metrics"]["kept"] == sum(kept)
     assert {"keep_precision", "confidence_spearman", "confidence_kendall"} <= entry[
         "metrics"
@@ -199,7 +199,7 @@ def _truth_of(scenario, out: Path, monkeypatch) -> torch.Tensor:
 
 
 def test_keep_threshold_is_a_validated_scenario_field() -> None:
-    assert build_scenario(SCENARIO).threat.keep_threshold == 0.5
+    assert build_scenario(SCENARIO).threat.keep_threshold == 0.75
     raised = build_scenario(SCENARIO | {"threat": {"keep_threshold": 0.9}})
     assert raised.threat.keep_threshold == 0.9
     with pytest.raises(ConfigError, match="keep_threshold"):
