@@ -121,6 +121,9 @@ def test_stops_at_max_seconds_and_keeps_the_best(digits, model) -> None:
     assert result.details["iterations_run"] < 10**6
     assert result.details["objective"] <= min(t[2] for t in result.trace) + 1e-12
     assert result.reconstruction.confidence.tolist() == [-result.details["objective"]] * 2
+    seconds = [t for t, _ in result.snapshots]
+    assert len(seconds) >= 2 and seconds == sorted(seconds)
+    assert torch.equal(result.snapshots[-1][1], result.reconstruction.images)
 
 
 def test_params_are_strict_and_registered() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -46,9 +46,9 @@ class PriorInversionParams(BaseModel):
     """Parameters of `prior_inversion`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    iterations: int = Field(500, ge=1, description="latent-search steps per restart")
+    iterations: int = Field(400, ge=1, description="latent-search steps per restart")
     generator_iterations: int = Field(
-        200,
+        400,
         ge=0,
         description="steps of the second stage, which fine-tunes a copy of the generator per "
         "image together with its code (GIAS); 0 = latent search only",
@@ -81,6 +81,9 @@ class PriorInversionParams(BaseModel):
         ge=0,
         description="dummy batches whose mean gradient is subtracted from both gradients before "
         "the cosine, as in inverting_gradients (0 = plain cosine)",
+    )
+    snapshots: int = Field(
+        16, ge=0, description="best-so-far reconstructions kept for the PSNR-vs-seconds curve"
     )
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
     client_mode: Literal["auto", "train", "eval"] = Field(
@@ -147,20 +150,51 @@ class _PriorProblem:
 
 @dataclass
 class _Run:
-    """Bookkeeping shared by the stages: start time, steps done, trace and progress."""
+    """Bookkeeping shared by the stages: steps done, trace, snapshots and progress.
+
+    Attributes:
+        started: ``time.perf_counter()`` when the attack started.
+        total: steps planned over both stages (for progress).
+        snapshot_every: keep the best images so far every this many steps; 0 = never.
+        progress: the attack's progress callback.
+    """
 
     started: float
-    trace: Trace
-    progress: ProgressFn | None
     total: int
+    snapshot_every: int
+    progress: ProgressFn | None
     done: int = 0
+    trace: Trace = field(default_factory=list)
+    snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
+    _best: tuple[float, Tensor] | None = None
 
-    def record(self, step: int, every: int, last: int, cost: float, out_of_time: bool) -> None:
-        """Add a trace point on the first, every `every`-th and last step; report progress."""
+    def record(
+        self, step: int, every: int, last: int, pixels: Tensor, cost: float, out_of_time: bool
+    ) -> None:
+        """Offer one step's images (pixel space) and objective: best so far, trace, progress."""
+        if self._best is None or cost < self._best[0]:
+            self._best = (cost, pixels.detach().clone())
+        seconds = time.perf_counter() - self.started
         if step == 1 or step % every == 0 or step == last or out_of_time:
-            self.trace.append((self.done + step, time.perf_counter() - self.started, cost))
+            self.trace.append((self.done + step, seconds, cost))
+        if self.snapshot_every and ((self.done + step) % self.snapshot_every == 0 or out_of_time):
+            self.snapshots.append((seconds, self._best[1]))
         if self.progress is not None:
             self.progress(self.done + step, self.total)
+
+    def best(self) -> tuple[Tensor, float]:
+        """The best images seen over both stages (pixel space) and their objective."""
+        if self._best is None:
+            raise RuntimeError("no candidate was offered")
+        return self._best[1], self._best[0]
+
+    def final_snapshots(self, images: Tensor) -> tuple[tuple[float, Tensor], ...]:
+        """The snapshots, ending with the returned `images`."""
+        if not self.snapshot_every:
+            return ()
+        if not self.snapshots or not torch.equal(self.snapshots[-1][1], images):
+            self.snapshots.append((time.perf_counter() - self.started, images))
+        return tuple(self.snapshots)
 
 
 def _matching_cost(problem: _PriorProblem, pixels: Tensor) -> Tensor:
@@ -309,12 +343,15 @@ class PriorInversionAttack:
         grads, grad_source = gradient_estimate(update, obs)
         problem = self._problem(obs, model, grads, labels, train_mode, prior.decoder, rng)
         latent_steps = p.iterations * p.restarts
-        run = _Run(started, [], progress, latent_steps + p.generator_iterations)
+        total = latent_steps + p.generator_iterations
+        every = max(1, total // p.snapshots) if p.snapshots else 0
+        run = _Run(started, total, every, progress)
         latent_deadline = generator_deadline = None
-        if p.max_seconds is not None:
-            share = latent_steps / (latent_steps + p.generator_iterations)
-            latent_deadline = started + p.max_seconds * share
+        if p.max_seconds is not None:  # the time left after setup, split like the steps
+            now = time.perf_counter()
             generator_deadline = started + p.max_seconds
+            share = latent_steps / (latent_steps + p.generator_iterations)
+            latent_deadline = now + max(0.0, generator_deadline - now) * share
         best_z, best_cost = None, float("inf")
         for restart in range(p.restarts):
             z0 = torch.randn((count, p.prior_latent_dim), generator=rng)
@@ -327,23 +364,21 @@ class PriorInversionAttack:
             if latent_deadline is not None and time.perf_counter() >= latent_deadline:
                 break
         assert best_z is not None
-        with torch.no_grad():
-            best_pixels = prior.decoder(best_z, problem.onehot)
         latent_cost = best_cost
         generator_steps = 0
         if p.generator_iterations > 0:
             clock = _Clock.start(p.generator_iterations, generator_deadline)
-            pixels, cost, generator_steps = self._generator_search(problem, best_z, clock, run)
+            generator_steps = self._generator_search(problem, best_z, clock, run)
             run.done += generator_steps
-            if cost < best_cost:
-                best_pixels, best_cost = pixels, cost
+        best_pixels, best_cost = run.best()
+        images = best_pixels.clamp(0.0, 1.0)
         return AttackResult(
             self.name,
             obs.round,
             obs.target_client,
             "ok",
             reconstruction=Reconstruction(
-                images=best_pixels.clamp(0.0, 1.0),
+                images=images,
                 labels=labels,
                 confidence=torch.full((count,), -best_cost, dtype=torch.float64),
             ),
@@ -368,6 +403,7 @@ class PriorInversionAttack:
                 "recipe": p.model_dump(),
             },
             trace=tuple(run.trace),
+            snapshots=run.final_snapshots(images),
         )
 
     def _problem(
@@ -413,7 +449,8 @@ class PriorInversionAttack:
         step = 0
         for step in range(1, p.iterations + 1):
             _set_lr(optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step - 1)))
-            objective = _matching_cost(problem, problem.decoder(z, problem.onehot))
+            pixels = problem.decoder(z, problem.onehot)
+            objective = _matching_cost(problem, pixels)
             objective = objective + p.latent_weight * z.pow(2).mean()
             (z.grad,) = torch.autograd.grad(objective, [z])
             cost = float(objective.detach())
@@ -421,18 +458,20 @@ class PriorInversionAttack:
                 best_cost, best_z = cost, z.detach().clone()
             optimiser.step()
             out_of_time = clock.out_of_time()
-            run.record(step, every, p.iterations, cost, out_of_time)
+            run.record(step, every, p.iterations, pixels, cost, out_of_time)
             if out_of_time:
                 break
         return best_z, best_cost, step
 
     def _generator_search(
         self, problem: _PriorProblem, z0: Tensor, clock: _Clock, run: _Run
-    ) -> tuple[Tensor, float, int]:
+    ) -> int:
         """Stage 2 (GIAS): fine-tune a generator copy per image with its code.
 
+        Its candidates go to `run`, which keeps the best over both stages.
+
         Returns:
-            The best images seen (pixel space), their objective, and the steps run.
+            The steps run.
         """
         p = self.params
         count = int(z0.shape[0])
@@ -447,7 +486,6 @@ class PriorInversionAttack:
             [{"params": [z], "lr": p.lr}, {"params": list(weights.values())}],
             lr=p.generator_lr,
         )
-        best_pixels, best_cost = torch.empty(0), float("inf")
         every = max(1, p.generator_iterations // 200)
         step = 0
         for step in range(1, p.generator_iterations + 1):
@@ -463,11 +501,9 @@ class PriorInversionAttack:
             ):
                 variable.grad = grad
             cost = float(objective.detach())
-            if cost < best_cost:
-                best_cost, best_pixels = cost, pixels.detach().clone()
             optimiser.step()
             out_of_time = clock.out_of_time()
-            run.record(step, every, p.generator_iterations, cost, out_of_time)
+            run.record(step, every, p.generator_iterations, pixels, cost, out_of_time)
             if out_of_time:
                 break
-        return best_pixels, best_cost, step
+        return step
