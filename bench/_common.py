@@ -83,7 +83,7 @@ def fedavg_observation(
     return Observation(1, 0, state, (update,), None, side, task)
 
 
-def trained_convnet(width: int, epochs: int, *, seed: int = 0, examples: int = 5000):
+def trained_convnet(width: int, epochs: int, *, seed: int = 0, examples: int = 1000):
     """Geiping's ConvNet trained `epochs` epochs on the first `examples` CIFAR-10 training
     images (SGD, lr 0.05, momentum 0.9, batch 64); cached in bench/.cache."""
     from gradaudit.data import load_dataset

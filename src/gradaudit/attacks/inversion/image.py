@@ -113,11 +113,11 @@ class InvertingGradientsParams(BaseModel):
     max_seconds: float | None = Field(None, gt=0, description="wall-clock budget for all restarts")
     restarts: int = Field(1, ge=1, description="independent initialisations; the best is kept")
     lr: float = Field(0.1, gt=0, description="Adam step size")
-    tv_weight: float = Field(0.01, ge=0, description="weight of the total-variation prior")
+    tv_weight: float = Field(0.001, ge=0, description="weight of the total-variation prior")
     signed: bool = Field(True, description="step on the sign of the image gradient")
     boxed: bool = Field(True, description="keep pixels inside [0, 1]")
     schedule: Literal["step", "cosine", "constant"] = Field(
-        "step",
+        "cosine",
         description="learning-rate schedule: step (divide by 10 at 3/8, 5/8, 7/8 of the run, as "
         "in the paper), cosine annealing to 0, or constant",
     )
@@ -282,6 +282,7 @@ class InvertingGradientsAttack:
             snapshot_every=max(1, (p.iterations * p.restarts) // p.snapshots) if p.snapshots else 0,
             to_pixels=lambda z: obs.task.normalization.denormalize(z).clamp(0.0, 1.0),  # type: ignore[union-attr]
             progress=progress,
+            snapshot_seconds=p.max_seconds / p.snapshots if p.max_seconds and p.snapshots else None,
         )
         for restart in range(p.restarts):
             cost = self._optimise(problem, rng, deadline, search, p.restarts - restart)
@@ -451,6 +452,7 @@ class BestSoFar:
         snapshot_every: keep the best candidate (in pixels) every this many steps; 0 = never.
         to_pixels: maps a candidate from model space to pixel space [0, 1].
         progress: the attack's progress callback.
+        snapshot_seconds: with a time budget, also keep one every this many seconds.
     """
 
     started: float
@@ -458,6 +460,7 @@ class BestSoFar:
     snapshot_every: int
     to_pixels: Callable[[Tensor], Tensor]
     progress: ProgressFn | None = None
+    snapshot_seconds: float | None = None
     done: int = 0
     trace: list[tuple[int, float, float]] = field(default_factory=list)
     snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
@@ -472,7 +475,11 @@ class BestSoFar:
         every = max(1, self.total // 200)
         if self.done == 1 or self.done % every == 0 or self.done == self.total or final:
             self.trace.append((self.done, seconds, cost))
-        if self.snapshot_every and (self.done % self.snapshot_every == 0 or final):
+        due = self.done % self.snapshot_every == 0 if self.snapshot_every else False
+        if self.snapshot_every and self.snapshot_seconds:
+            last = self.snapshots[-1][0] if self.snapshots else 0.0
+            due = due or seconds - last >= self.snapshot_seconds
+        if self.snapshot_every and (due or final):
             self.snapshots.append((seconds, self.to_pixels(self._best[1])))
         if self.progress is not None:
             self.progress(self.done, self.total)
