@@ -36,7 +36,7 @@ from gradaudit.attacks.inversion.simulate import (
 )
 from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
 from gradaudit.models import classifier_head, classifier_keys
-from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TaskInfo
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +73,6 @@ def head_input_from_gradient(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
         [1.0, 2.0, 3.0]
     """
     return (bias_grad[:, None] * weight_grad).sum(dim=0) / bias_grad.pow(2).sum().clamp_min(1e-30)
-
-
-def mean_dummy_gradient(
-    model: nn.Module, labels: Tensor, task: TaskInfo, rng: torch.Generator, *, samples: int
-) -> list[Tensor]:
-    """The parameter gradient averaged over `samples` batches of dummy inputs with `labels`.
-
-    It estimates the part of the client's gradient that does not depend on its inputs (at
-    initialisation most of the deep layers' gradient is that part).
-    """
-    return mean_candidate_update(
-        model,
-        labelled_loss(labels),
-        LocalReplay(unrolled=False),
-        lambda: dummy_inputs(task, int(labels.shape[0]), rng),
-        samples=samples,
-    )
 
 
 def labelled_loss(labels: Tensor) -> LossFn:

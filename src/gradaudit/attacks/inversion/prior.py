@@ -22,7 +22,7 @@ from gradaudit.attacks.base import (
 )
 from gradaudit.attacks.inversion.image import (
     cosine_distance,
-    mean_dummy_gradient,
+    labelled_loss,
     schedule_factor,
 )
 from gradaudit.attacks.inversion.priors import (
@@ -33,7 +33,14 @@ from gradaudit.attacks.inversion.priors import (
     load_or_train_prior,
     one_hot,
 )
-from gradaudit.attacks.labels import LabelMethod, recover_labels
+from gradaudit.attacks.inversion.simulate import (
+    LocalReplay,
+    UnrollMode,
+    local_replay,
+    mean_candidate_update,
+    simulated_update,
+)
+from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
 from gradaudit.seeding import torch_generator
 from gradaudit.types import AttackResult, ClientUpdate, Normalization, Observation, Reconstruction
 
@@ -86,6 +93,11 @@ class PriorInversionParams(BaseModel):
         16, ge=0, description="best-so-far reconstructions kept for the PSNR-vs-seconds curve"
     )
     max_images: int = Field(64, ge=1, description="refuse updates computed on more examples")
+    unroll: UnrollMode = Field(
+        "auto",
+        description="FedAvg deltas: unroll the local steps (auto: when local hyperparameters are "
+        "known), always, or never (treat the delta as one gradient)",
+    )
     client_mode: Literal["auto", "train", "eval"] = Field(
         "auto",
         description="BatchNorm mode of the client's update: auto reads the granted local "
@@ -146,6 +158,7 @@ class _PriorProblem:
     target_sq: Tensor
     center: list[Tensor] | None
     decoder: ConvDecoder
+    replay: LocalReplay
 
 
 @dataclass
@@ -200,9 +213,7 @@ class _Run:
 def _matching_cost(problem: _PriorProblem, pixels: Tensor) -> Tensor:
     """Centred cosine distance between the gradient of `pixels` and the target's."""
     x = problem.norm.normalize(pixels)
-    params = list(problem.model.parameters())
-    loss = nn.functional.cross_entropy(problem.model(x), problem.labels)
-    grads = list(torch.autograd.grad(loss, params, create_graph=True))
+    grads = simulated_update(problem.model, x, labelled_loss(problem.labels), problem.replay)
     if problem.center is not None:
         grads = [g - c for g, c in zip(grads, problem.center, strict=True)]
     return cosine_distance(grads, problem.target, problem.target_sq)
@@ -341,7 +352,11 @@ class PriorInversionAttack:
             )
             label_source = f"recovered ({method})"
         grads, grad_source = gradient_estimate(update, obs)
-        problem = self._problem(obs, model, grads, labels, train_mode, prior.decoder, rng)
+        try:
+            replay = local_replay(update, obs, p.unroll)
+        except ValueError as error:
+            return not_applicable(self.name, obs, str(error))
+        problem = self._problem(obs, model, grads, labels, train_mode, prior.decoder, replay, rng)
         latent_steps = p.iterations * p.restarts
         total = latent_steps + p.generator_iterations
         every = max(1, total // p.snapshots) if p.snapshots else 0
@@ -386,6 +401,7 @@ class PriorInversionAttack:
             details={
                 "labels": label_source,
                 "gradient": grad_source,
+                "replay": replay.description,
                 "iterations_run": run.done,
                 "generator_iterations_run": generator_steps,
                 "objective": best_cost,
@@ -414,6 +430,7 @@ class PriorInversionAttack:
         labels: Tensor,
         train_mode: bool,
         decoder: ConvDecoder,
+        replay: LocalReplay,
         rng: torch.Generator,
     ) -> _PriorProblem:
         assert obs.task.normalization is not None
@@ -422,8 +439,12 @@ class PriorInversionAttack:
         target = [grads[n].detach() for n, _ in attacker.named_parameters()]
         center = None
         if self.params.center_samples > 0:
-            center = mean_dummy_gradient(
-                attacker, labels, obs.task, rng, samples=self.params.center_samples
+            center = mean_candidate_update(
+                attacker,
+                labelled_loss(labels),
+                replay,
+                lambda: dummy_inputs(obs.task, int(labels.shape[0]), rng),
+                samples=self.params.center_samples,
             )
             target = [t - c for t, c in zip(target, center, strict=True)]
         return _PriorProblem(
@@ -435,6 +456,7 @@ class PriorInversionAttack:
             target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
             center=center,
             decoder=decoder,
+            replay=replay,
         )
 
     def _latent_search(
