@@ -84,7 +84,7 @@ def labelled_loss(labels: Tensor) -> LossFn:
     return loss
 
 
-BN_WEIGHT = 0.1
+BN_WEIGHT = 1.0
 """Default weight of the BatchNorm-statistics term (measured in docs/BENCHMARKS.md)."""
 
 
