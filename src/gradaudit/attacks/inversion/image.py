@@ -266,6 +266,7 @@ class InvertingGradientsAttack:
             to_pixels=lambda z: obs.task.normalization.denormalize(z).clamp(0.0, 1.0),  # type: ignore[union-attr]
             progress=progress,
             snapshot_seconds=p.max_seconds / p.snapshots if p.max_seconds and p.snapshots else None,
+            trace_seconds=p.max_seconds / 200 if p.max_seconds else None,
         )
         for restart in range(p.restarts):
             cost = self._optimise(problem, rng, deadline, search, p.restarts - restart)
@@ -436,6 +437,7 @@ class BestSoFar:
         to_pixels: maps a candidate from model space to pixel space [0, 1].
         progress: the attack's progress callback.
         snapshot_seconds: with a time budget, also keep one every this many seconds.
+        trace_seconds: with a time budget, also add a trace point every this many seconds.
     """
 
     started: float
@@ -444,6 +446,7 @@ class BestSoFar:
     to_pixels: Callable[[Tensor], Tensor]
     progress: ProgressFn | None = None
     snapshot_seconds: float | None = None
+    trace_seconds: float | None = None
     done: int = 0
     trace: list[tuple[int, float, float]] = field(default_factory=list)
     snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
@@ -456,7 +459,10 @@ class BestSoFar:
             self._best = (cost, x.detach().clone())
         seconds = time.perf_counter() - self.started
         every = max(1, self.total // 200)
-        if self.done == 1 or self.done % every == 0 or self.done == self.total or final:
+        traced = self.done == 1 or self.done % every == 0 or self.done == self.total or final
+        if self.trace_seconds and self.trace:
+            traced = traced or seconds - self.trace[-1][1] >= self.trace_seconds
+        if traced:
             self.trace.append((self.done, seconds, cost))
         due = self.done % self.snapshot_every == 0 if self.snapshot_every else False
         if self.snapshot_every and self.snapshot_seconds:
