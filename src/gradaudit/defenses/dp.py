@@ -1,0 +1,113 @@
+"""The Gaussian mechanism's building blocks: per-example clipping (DP-SGD) and update clipping.
+
+DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) clips every
+example's gradient to L2 norm ``clip_norm``, sums, adds ``N(0, (noise_multiplier *
+clip_norm)^2)`` to each coordinate and divides by the expected batch size. Per-example gradients
+come from ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), as in Opacus'
+functorch path, not from a loop. DP-FedAvg (McMahan et al., ICLR 2018) clips each client's whole
+update the same way (:func:`clip_update`).
+
+The noise is drawn from the ``torch.Generator`` the caller passes (seeded, so an audit
+reproduces); floating-point Gaussian sampling is not hardened against the attacks that
+Opacus' ``secure_mode`` addresses, which matters for a deployment, not for an audit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradaudit.federation.local import has_batchnorm
+
+
+def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """The gradient of each example's cross-entropy, keyed like ``model.named_parameters()``.
+
+    Each tensor has a leading batch dimension: ``grads[name][i]`` is example i's gradient.
+
+    Raises:
+        ValueError: the model has BatchNorm, whose batch statistics mix the examples (per-example
+            gradients, and so DP-SGD, are not defined; use GroupNorm or frozen statistics).
+    """
+    if has_batchnorm(model) and any(
+        m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ):
+        raise ValueError(
+            "per-example gradients are undefined for BatchNorm on batch statistics (it mixes the "
+            "examples of a batch); use norm=group, or federation.local.batchnorm=frozen"
+        )
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def clip_factors(grads: dict[str, Tensor], clip_norm: float) -> tuple[Tensor, Tensor]:
+    """Per-example scale ``min(1, clip_norm / ||g_i||)`` and the norms ``||g_i||``.
+
+    Example:
+        >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+        >>> factors, norms = clip_factors(g, 1.0)
+        >>> [round(v, 3) for v in factors.tolist()], norms.tolist()
+        ([0.2, 1.0], [5.0, 0.5])
+    """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+    norms = flat.norm(dim=1)
+    return (clip_norm / (norms + 1e-12)).clamp(max=1.0), norms
+
+
+def dp_sgd_gradient(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """One DP-SGD gradient: clipped per-example sum plus Gaussian noise, over the expected size.
+
+    With Poisson sampling the batch size varies; dividing by the *expected* size keeps the
+    sensitivity at ``clip_norm / expected_batch_size`` (Abadi et al.; Opacus does the same).
+    An empty batch yields pure noise.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if x.shape[0] == 0:
+        summed = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    else:
+        grads = per_example_gradients(model, x, y)
+        factors, _ = clip_factors(grads, clip_norm)
+        summed = {n: torch.einsum("b,b...->...", factors, grads[n]) for n in names}
+    std = noise_multiplier * clip_norm
+    return {
+        n: (summed[n] + std * torch.randn(summed[n].shape, generator=generator))
+        / expected_batch_size
+        for n in names
+    }
+
+
+def clip_update(
+    tensors: dict[str, Tensor], keys: list[str], clip_norm: float
+) -> tuple[dict[str, Tensor], float]:
+    """Scale the `keys` entries of an update so their joint L2 norm is at most `clip_norm`.
+
+    Returns the clipped update (other entries unchanged) and the norm before clipping.
+
+    Example:
+        >>> out, norm = clip_update({"w": torch.tensor([3.0, 4.0])}, ["w"], 1.0)
+        >>> out["w"].tolist(), norm
+        ([0.6000000238418579, 0.800000011920929], 5.0)
+    """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    norm = float(torch.cat([tensors[k].reshape(-1) for k in keys]).norm())
+    factor = min(1.0, clip_norm / (norm + 1e-12))
+    return {k: (v * factor if k in keys else v) for k, v in tensors.items()}, norm
