@@ -111,3 +111,58 @@ def clip_update(
     norm = float(torch.cat([tensors[k].reshape(-1) for k in keys]).norm())
     factor = min(1.0, clip_norm / (norm + 1e-12))
     return {k: (v * factor if k in keys else v) for k, v in tensors.items()}, norm
+
+
+def update_noise_multiplier(total: float, count_noise: float) -> float:
+    """The update's noise multiplier when the clipped-count query shares the privacy budget.
+
+    Adaptive clipping releases two Gaussian queries per round: the clipped update sum (noise
+    multiplier ``z_update``) and the count of unclipped clients (sensitivity 1/2 with the
+    count centred, noise std ``count_noise``). Their composition equals one Gaussian with
+    ``total`` when ``z_update = (total^-2 - (2 * count_noise)^-2)^-1/2`` (Andrew, Thakkar,
+    McMahan & Ramaswamy, "Differentially Private Learning with Adaptive Clipping", NeurIPS
+    2021, Thm. 1), so the ledger records one mechanism with `total`.
+
+    Example:
+        >>> round(update_noise_multiplier(1.0, 5.0), 4)
+        1.005
+
+    Raises:
+        ValueError: `count_noise` too small for `total` (the count alone would spend it).
+    """
+    if not total > 0 or not count_noise > 0:
+        raise ValueError("noise multipliers must be > 0")
+    rest = total**-2 - (2 * count_noise) ** -2
+    if rest <= 0:
+        raise ValueError(
+            f"count_noise {count_noise} leaves no budget for the update at noise multiplier "
+            f"{total}: it needs count_noise > {1 / (2 * total):.4g}"
+        )
+    return rest**-0.5
+
+
+def next_clip_norm(
+    clip_norm: float,
+    unclipped: int,
+    expected_clients: float,
+    *,
+    target_unclipped_quantile: float,
+    learning_rate: float,
+    count_noise: float,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One geometric step of adaptive clipping (Andrew et al. 2021, Alg. 1).
+
+    The server estimates the fraction of clients whose update was not clipped from the noised
+    count, ``b = (unclipped + N(0, count_noise^2)) / expected_clients``, and moves the clip norm
+    toward the target quantile: ``C <- C * exp(-learning_rate * (b - target))``. Too many
+    unclipped clients (``b > target``) shrink C; too few grow it.
+
+    Returns:
+        The next clip norm and the noised unclipped fraction.
+    """
+    noise = float(torch.randn((), generator=generator)) * count_noise
+    fraction = (unclipped + noise) / expected_clients
+    return clip_norm * float(
+        torch.exp(torch.tensor(-learning_rate * (fraction - target_unclipped_quantile)))
+    ), fraction

@@ -11,7 +11,9 @@ from gradaudit.defenses.dp import (
     clip_factors,
     clip_update,
     dp_sgd_gradient,
+    next_clip_norm,
     per_example_gradients,
+    update_noise_multiplier,
 )
 from gradaudit.models import build_model
 from gradaudit.seeding import torch_generator
@@ -85,3 +87,47 @@ def test_update_clipping() -> None:
     assert clipped["running_mean"] is update["running_mean"]
     with pytest.raises(ValueError, match="clip_norm"):
         clip_update(update, ["w"], 0.0)
+
+
+def _drive_adaptive_clipping(start: float, sign: float = 1.0, rounds: int = 300) -> list[float]:
+    """Clients' update norms are log-normal with median 1; 100 clients a round."""
+    norms_rng = torch_generator(0, "norms")
+    noise_rng = torch_generator(0, "count")
+    clip, history = start, []
+    for _ in range(rounds):
+        norms = torch.exp(0.5 * torch.randn(100, generator=norms_rng))
+        unclipped = int((norms <= clip).sum())
+        step, _ = next_clip_norm(
+            clip,
+            unclipped,
+            100,
+            target_unclipped_quantile=0.5,
+            learning_rate=0.2 * sign,
+            count_noise=100 / 20,
+            generator=noise_rng,
+        )
+        clip = step
+        history.append(clip)
+    return history
+
+
+@pytest.mark.parametrize("start", [0.1, 10.0])
+def test_adaptive_clipping_converges_to_the_median_norm(start) -> None:
+    history = _drive_adaptive_clipping(start)
+    tail = history[-50:]
+    assert 0.85 < sum(tail) / len(tail) < 1.15
+    assert all(0.6 < c < 1.6 for c in tail)
+
+
+def test_adaptive_clipping_with_the_sign_reversed_diverges() -> None:
+    # The bug this guards against (flwr's adaptive clipping moved C the wrong way).
+    history = _drive_adaptive_clipping(10.0, sign=-1.0, rounds=60)
+    assert history[-1] > 1e3
+
+
+def test_update_noise_multiplier_keeps_the_total() -> None:
+    z_update = update_noise_multiplier(1.2, 3.0)
+    # Composition of the two Gaussians (RDP of a Gaussian is alpha / (2 z^2); they add).
+    assert z_update**-2 + (2 * 3.0) ** -2 == pytest.approx(1.2**-2)
+    with pytest.raises(ValueError, match="count_noise"):
+        update_noise_multiplier(1.0, 0.4)
