@@ -178,6 +178,32 @@ def recover_labels(
     return torch.as_tensor(labels, dtype=torch.long), method
 
 
+def labels_for_inversion(
+    obs: Observation,
+    model: nn.Module,
+    *,
+    count: int,
+    method: LabelMethod,
+    rng: torch.Generator,
+    train_mode: bool,
+) -> tuple[Tensor, str]:
+    """The labels an inversion attack optimises with, and where they came from.
+
+    The granted labels when the threat model grants them, else :func:`recover_labels`.
+
+    Returns:
+        The labels and a phrase for the report (``granted by the threat model`` or
+        ``recovered (<method>)``).
+    """
+    granted = obs.side_info.get("labels")
+    if isinstance(granted, Tensor):
+        return granted.clone(), "granted by the threat model"
+    labels, used = recover_labels(
+        obs, model, count=count, method=method, rng=rng, train_mode=train_mode
+    )
+    return labels, f"recovered ({used})"
+
+
 class LabelRecoveryParams(BaseModel):
     """Parameters of `label_recovery`."""
 

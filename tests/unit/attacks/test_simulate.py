@@ -8,16 +8,13 @@ import torch
 from torch import nn
 
 from gradaudit.attacks.base import gradient_estimate
-from gradaudit.attacks.inversion.image import (
-    InvertingGradientsAttack,
-    InvertingGradientsParams,
-    labelled_loss,
-)
+from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.inversion.simulate import (
     LocalReplay,
     batchnorm_layers,
     bn_statistics_distance,
     bn_statistics_target,
+    labelled_loss,
     local_replay,
     recording_batchnorm,
     replay_batches,

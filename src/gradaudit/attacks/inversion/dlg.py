@@ -20,9 +20,12 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     not_applicable,
 )
+from gradaudit.attacks.inversion.search import BestSoFar
 from gradaudit.attacks.inversion.simulate import (
     LocalReplay,
+    LossFn,
     UnrollMode,
+    labelled_loss,
     local_replay,
     simulated_update,
 )
@@ -81,34 +84,48 @@ def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
     return -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
-def _distance_closure(
+def _gradient_distance(
     model: nn.Module,
     replay: LocalReplay,
     target: list[Tensor],
     x: Tensor,
-    label_logits: Tensor,
-    fixed_labels: Tensor | None,
-    optimiser: torch.optim.Optimizer,
-    current: dict[str, float],
-) -> Callable[[], Tensor]:
-    """The L-BFGS closure: squared L2 distance between the dummy and the observed update."""
+    loss: LossFn,
+    *,
+    create_graph: bool,
+) -> Tensor:
+    """Squared L2 distance between the candidates' simulated update and the observed one."""
+    dummy = simulated_update(model, x, loss, replay, create_graph=create_graph)
+    return torch.stack([(g - t).pow(2).sum() for g, t in zip(dummy, target, strict=True)]).sum()
 
-    def loss(logits: Tensor, index: Tensor) -> Tensor:
-        if fixed_labels is not None:
-            return nn.functional.cross_entropy(logits, fixed_labels[index])
-        return soft_cross_entropy(logits, label_logits[index])
+
+def _lbfgs_closure(
+    optimiser: torch.optim.Optimizer,
+    model: nn.Module,
+    replay: LocalReplay,
+    target: list[Tensor],
+    x: Tensor,
+    loss: LossFn,
+) -> Callable[[], Tensor]:
+    """The L-BFGS closure: the distance, with the gradients of the variables filled in."""
 
     def closure() -> Tensor:
         optimiser.zero_grad(set_to_none=True)
-        dummy = simulated_update(model, x, loss, replay)
-        distance = torch.stack(
-            [(g - t).pow(2).sum() for g, t in zip(dummy, target, strict=True)]
-        ).sum()
+        distance = _gradient_distance(model, replay, target, x, loss, create_graph=True)
         distance.backward()
-        current["loss"] = float(distance.detach())
         return distance
 
     return closure
+
+
+def _candidate_loss(label_logits: Tensor, fixed_labels: Tensor | None) -> LossFn:
+    """Cross-entropy on the granted labels, else on DLG's soft dummy labels."""
+    if fixed_labels is not None:
+        return labelled_loss(fixed_labels)
+
+    def loss(logits: Tensor, index: Tensor) -> Tensor:
+        return soft_cross_entropy(logits, label_logits[index])
+
+    return loss
 
 
 class DLGAttack:
@@ -166,11 +183,15 @@ class DLGAttack:
         deadline = started + p.max_seconds if p.max_seconds else None
         shape = (count, *obs.task.input_shape)
 
-        best: tuple[float, Tensor, Tensor] | None = None
-        trace: list[tuple[int, float, float]] = []
-        snapshots: list[tuple[float, Tensor]] = []
-        snapshot_every = max(1, p.iterations * p.restarts // p.snapshots) if p.snapshots else 0
-        done = 0
+        search = BestSoFar(
+            started=started,
+            total=p.iterations * p.restarts,
+            to_pixels=lambda z: norm.denormalize(z).clamp(0.0, 1.0),
+            snapshots=p.snapshots,
+            max_seconds=p.max_seconds,
+            progress=progress,
+        )
+        best_label_logits: Tensor | None = None
         for restart in range(p.restarts):
             x = torch.randn(shape, generator=rng).requires_grad_(True)
             label_logits = torch.randn((count, obs.task.num_classes), generator=rng)
@@ -183,28 +204,23 @@ class DLGAttack:
                 tolerance_grad=0.0,  # tiny gradients are normal here; never stop on them
                 tolerance_change=0.0,
             )
-            current = {"loss": math.inf}
+            loss = _candidate_loss(label_logits, fixed_labels)
+            closure = _lbfgs_closure(optimiser, attacker, replay, target, x, loss)
+
             restart_best: list[float] = []  # this start's best distance after each step
-            closure = _distance_closure(
-                attacker, replay, target, x, label_logits, fixed_labels, optimiser, current
-            )
             for step in range(1, p.iterations + 1):
                 optimiser.step(closure)
-                distance = float(closure().detach())  # score where the step ended
+                distance = float(  # score where the step ended (no backward needed)
+                    _gradient_distance(attacker, replay, target, x, loss, create_graph=False)
+                )
                 if not math.isfinite(distance):
                     logger.info("dlg restart %d diverged at step %d", restart, step)
                     break
-                if best is None or distance < best[0]:
-                    best = (distance, x.detach().clone(), label_logits.detach().clone())
-                done += 1
-                seconds = time.perf_counter() - started
-                if step == 1 or step % max(1, p.iterations // 100) == 0:
-                    trace.append((done, seconds, distance))
-                if snapshot_every and done % snapshot_every == 0:
-                    snapshots.append((seconds, norm.denormalize(best[1]).clamp(0.0, 1.0)))
-                if progress is not None:
-                    progress(done, p.iterations * p.restarts)
-                if deadline is not None and time.perf_counter() >= deadline:
+                if distance < search.lowest:
+                    best_label_logits = label_logits.detach().clone()
+                out_of_time = deadline is not None and time.perf_counter() >= deadline
+                search.offer(x, distance, final=out_of_time)
+                if out_of_time:
                     break
                 restart_best.append(min(distance, restart_best[-1]) if restart_best else distance)
                 if (
@@ -218,7 +234,7 @@ class DLGAttack:
                 break  # this start used all its iterations: no further start
             if deadline is not None and time.perf_counter() >= deadline:
                 break
-        if best is None:
+        if best_label_logits is None:
             return AttackResult(
                 self.name,
                 obs.round,
@@ -227,11 +243,9 @@ class DLGAttack:
                 reason="every restart diverged (non-finite gradient distance)",
                 seconds=time.perf_counter() - started,
             )
-        distance, x_best, labels_best = best
-        labels = fixed_labels if fixed_labels is not None else labels_best.argmax(dim=1)
+        x_best, distance = search.best()
+        labels = fixed_labels if fixed_labels is not None else best_label_logits.argmax(dim=1)
         images = norm.denormalize(x_best).clamp(0.0, 1.0)
-        if p.snapshots and (not snapshots or not torch.equal(snapshots[-1][1], images)):
-            snapshots.append((time.perf_counter() - started, images))
         return AttackResult(
             self.name,
             obs.round,
@@ -249,10 +263,10 @@ class DLGAttack:
                 else "optimised jointly (argmax of the dummy labels)",
                 "gradient": grad_source,
                 "replay": replay.description,
-                "iterations_run": done,
+                "iterations_run": search.done,
                 "objective": distance,
                 "recipe": p.model_dump(),
             },
-            trace=tuple(trace),
-            snapshots=tuple(snapshots),
+            trace=tuple(search.trace),
+            snapshots=search.final_snapshots(),
         )

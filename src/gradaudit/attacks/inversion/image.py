@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -22,19 +21,25 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     not_applicable,
 )
+from gradaudit.attacks.inversion.search import (
+    BestSoFar,
+    Clock,
+    schedule_factor,
+    set_learning_rates,
+)
 from gradaudit.attacks.inversion.simulate import (
     LocalReplay,
-    LossFn,
     UnrollMode,
     batchnorm_layers,
     bn_statistics_distance,
     bn_statistics_target,
+    labelled_loss,
     local_replay,
     mean_candidate_update,
     recording_batchnorm,
     simulated_update,
 )
-from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
+from gradaudit.attacks.labels import LabelMethod, dummy_inputs, labels_for_inversion
 from gradaudit.models import classifier_head, classifier_keys
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
@@ -75,13 +80,73 @@ def head_input_from_gradient(weight_grad: Tensor, bias_grad: Tensor) -> Tensor:
     return (bias_grad[:, None] * weight_grad).sum(dim=0) / bias_grad.pow(2).sum().clamp_min(1e-30)
 
 
-def labelled_loss(labels: Tensor) -> LossFn:
-    """The cross-entropy of a local batch whose candidate examples carry `labels`."""
+@dataclass(frozen=True)
+class GradientTarget:
+    """The update a gradient-matching attack matches, and how it replays candidates.
 
-    def loss(logits: Tensor, index: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(logits, labels[index])
+    Attributes:
+        model: the attacker's copy of the global model, in the client's BatchNorm mode.
+        labels: the candidates' labels.
+        replay: how the client's local computation is replayed (one gradient or unrolled).
+        target: the observed update (gradient-like, see `gradient_estimate`), centred if
+            `center` is set, in ``model.named_parameters()`` order.
+        target_sq: its squared norm.
+        center: the mean simulated update of dummy inputs with the same labels, or None.
+    """
 
-    return loss
+    model: nn.Module
+    labels: Tensor
+    replay: LocalReplay
+    target: list[Tensor]
+    target_sq: Tensor
+    center: list[Tensor] | None
+
+    def distance(self, x: Tensor) -> Tensor:
+        """The (centred) cosine distance between candidate `x`'s simulated update and the
+        target's (differentiable in `x`)."""
+        grads = simulated_update(self.model, x, labelled_loss(self.labels), self.replay)
+        if self.center is not None:
+            grads = [g - c for g, c in zip(grads, self.center, strict=True)]
+        return cosine_distance(grads, self.target, self.target_sq)
+
+
+def gradient_target(
+    obs: Observation,
+    model: nn.Module,
+    grads: dict[str, Tensor],
+    labels: Tensor,
+    replay: LocalReplay,
+    *,
+    train_mode: bool,
+    center_samples: int,
+    rng: torch.Generator,
+) -> GradientTarget:
+    """Set up the matching: the attacker's model copy, the target and its centring.
+
+    Centring (``center_samples`` > 0) subtracts the mean simulated update of that many dummy
+    batches with the same labels from both sides (see `InvertingGradientsAttack`).
+    """
+    attacker = attacker_model(model, obs)
+    attacker.train(train_mode)
+    target = [grads[n].detach() for n, _ in attacker.named_parameters()]
+    center = None
+    if center_samples > 0:
+        center = mean_candidate_update(
+            attacker,
+            labelled_loss(labels),
+            replay,
+            lambda: dummy_inputs(obs.task, int(labels.shape[0]), rng),
+            samples=center_samples,
+        )
+        target = [t - c for t, c in zip(target, center, strict=True)]
+    return GradientTarget(
+        model=attacker,
+        labels=labels,
+        replay=replay,
+        target=target,
+        target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
+        center=center,
+    )
 
 
 BN_WEIGHT = 1.0
@@ -146,15 +211,10 @@ class InvertingGradientsParams(BaseModel):
 class _MatchingProblem:
     """Everything one optimisation run needs, fixed for the whole attack."""
 
-    model: nn.Module
-    labels: Tensor
+    match: GradientTarget
     shape: tuple[int, ...]
     lo: Tensor
     hi: Tensor
-    replay: LocalReplay
-    target: list[Tensor]
-    target_sq: Tensor
-    center: list[Tensor] | None
     head: nn.Linear
     feature_target: Tensor | None
     bn_target: dict[str, tuple[Tensor, Tensor]] | None
@@ -162,10 +222,9 @@ class _MatchingProblem:
 
     def objective(self, x: Tensor, params: InvertingGradientsParams) -> Tensor:
         """The attack's objective at candidate `x` (differentiable in `x`)."""
-        model = self.model
         with contextlib.ExitStack() as stack:
             recorder = (
-                stack.enter_context(recording_batchnorm(model))
+                stack.enter_context(recording_batchnorm(self.match.model))
                 if self.bn_target is not None
                 else None
             )
@@ -175,10 +234,7 @@ class _MatchingProblem:
                     lambda _m, inputs, _o: features.append(inputs[0])
                 )
                 stack.callback(handle.remove)
-            grads = simulated_update(model, x, labelled_loss(self.labels), self.replay)
-        if self.center is not None:
-            grads = [g - c for g, c in zip(grads, self.center, strict=True)]
-        objective = cosine_distance(grads, self.target, self.target_sq)
+            objective = self.match.distance(x)
         if params.tv_weight:
             objective = objective + params.tv_weight * total_variation(x)
         if self.feature_target is not None:
@@ -241,17 +297,13 @@ class InvertingGradientsAttack:
             return not_applicable(self.name, obs, str(reason))
         started = time.perf_counter()
         p = self.params
-        assert obs.task.normalization is not None
+        norm = obs.task.normalization
+        assert norm is not None
         count = update.num_examples
         train_mode = client_trains_batchnorm(obs, p.client_mode)
-        granted = obs.side_info.get("labels")
-        if isinstance(granted, Tensor):
-            labels, label_source = granted.clone(), "granted by the threat model"
-        else:
-            labels, method = recover_labels(
-                obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
-            )
-            label_source = f"recovered ({method})"
+        labels, label_source = labels_for_inversion(
+            obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
+        )
         grads, grad_source = gradient_estimate(update, obs)
         try:
             replay = local_replay(update, obs, p.unroll)
@@ -262,11 +314,10 @@ class InvertingGradientsAttack:
         search = BestSoFar(
             started=started,
             total=p.iterations * p.restarts,
-            snapshot_every=max(1, (p.iterations * p.restarts) // p.snapshots) if p.snapshots else 0,
-            to_pixels=lambda z: obs.task.normalization.denormalize(z).clamp(0.0, 1.0),  # type: ignore[union-attr]
+            to_pixels=lambda z: norm.denormalize(z).clamp(0.0, 1.0),
+            snapshots=p.snapshots,
+            max_seconds=p.max_seconds,
             progress=progress,
-            snapshot_seconds=p.max_seconds / p.snapshots if p.max_seconds and p.snapshots else None,
-            trace_seconds=p.max_seconds / 200 if p.max_seconds else None,
         )
         for restart in range(p.restarts):
             cost = self._optimise(problem, rng, deadline, search, p.restarts - restart)
@@ -274,7 +325,7 @@ class InvertingGradientsAttack:
             if deadline is not None and time.perf_counter() >= deadline:
                 break
         best_x, best_cost = search.best()
-        images = obs.task.normalization.denormalize(best_x).clamp(0.0, 1.0)
+        images = norm.denormalize(best_x).clamp(0.0, 1.0)
         return AttackResult(
             self.name,
             obs.round,
@@ -292,7 +343,7 @@ class InvertingGradientsAttack:
                 "replay": replay.description,
                 "iterations_run": search.done,
                 "objective": best_cost,
-                "centred": problem.center is not None,
+                "centred": problem.match.center is not None,
                 "feature_target": problem.feature_target is not None,
                 "batchnorm_statistics": problem.bn_target is not None,
                 "recipe": p.model_dump(),
@@ -313,40 +364,31 @@ class InvertingGradientsAttack:
         rng: torch.Generator,
     ) -> _MatchingProblem:
         p = self.params
-        assert obs.task.normalization is not None
-        attacker = attacker_model(model, obs)
-        attacker.train(train_mode)
-        names = [n for n, _ in attacker.named_parameters()]
-        target = [grads[n].detach() for n in names]
+        norm = obs.task.normalization
+        assert norm is not None
+        match = gradient_target(
+            obs,
+            model,
+            grads,
+            labels,
+            replay,
+            train_mode=train_mode,
+            center_samples=p.center_samples,
+            rng=rng,
+        )
         count = int(labels.shape[0])
-        center = None
-        if p.center_samples > 0:
-            center = mean_candidate_update(
-                attacker,
-                labelled_loss(labels),
-                replay,
-                lambda: dummy_inputs(obs.task, count, rng),
-                samples=p.center_samples,
-            )
-            target = [t - c for t, c in zip(target, center, strict=True)]
-        _, head = classifier_head(attacker)
-        weight_key, bias_key = classifier_keys(attacker)
+        _, head = classifier_head(match.model)
+        weight_key, bias_key = classifier_keys(match.model)
         feature_target = None
         if count == 1 and p.feature_weight > 0 and bias_key is not None and not replay.unrolled:
             feature_target = head_input_from_gradient(grads[weight_key], grads[bias_key])
-        layers = batchnorm_layers(attacker)
+        layers = batchnorm_layers(match.model)
         bn_target = bn_statistics_target(update, layers) if train_mode and p.bn_weight > 0 else None
-        norm = obs.task.normalization
         return _MatchingProblem(
-            model=attacker,
-            labels=labels,
+            match=match,
             shape=(count, *obs.task.input_shape),
             lo=norm.normalize(torch.zeros(1, *obs.task.input_shape)),
             hi=norm.normalize(torch.ones(1, *obs.task.input_shape)),
-            replay=replay,
-            target=target,
-            target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
-            center=center,
             head=head,
             feature_target=feature_target,
             bn_target=bn_target,
@@ -379,20 +421,15 @@ class InvertingGradientsAttack:
             x = torch.max(torch.min(x, hi), lo)
         x.requires_grad_(True)
         optimiser = torch.optim.Adam([x], lr=p.lr)
-        begun = time.perf_counter()
-        budget = (deadline - begun) / restarts_left if deadline is not None else None
+        clock = Clock.start(p.iterations, deadline, restarts_left)
         lowest = float("inf")
         for step in range(p.iterations):
-            fraction = step / p.iterations
-            if budget is not None and budget > 0:
-                fraction = max(fraction, (time.perf_counter() - begun) / budget)
-            for group in optimiser.param_groups:
-                group["lr"] = p.lr * schedule_factor(p.schedule, fraction)
+            set_learning_rates(optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step)))
             objective = problem.objective(x, p)
             (x.grad,) = torch.autograd.grad(objective, [x])
             cost = float(objective.detach())
             lowest = min(lowest, cost)
-            out_of_time = budget is not None and time.perf_counter() >= begun + budget
+            out_of_time = clock.out_of_time()
             search.offer(x, cost, final=out_of_time)
             if p.signed:
                 x.grad.sign_()
@@ -403,87 +440,3 @@ class InvertingGradientsAttack:
             if out_of_time:
                 break
         return lowest
-
-
-def schedule_factor(kind: str, fraction: float) -> float:
-    """The learning-rate multiplier at `fraction` (0 to 1) of a run.
-
-    ``step`` divides by 10 at 3/8, 5/8 and 7/8 (Geiping et al.), ``cosine`` anneals to 0,
-    ``constant`` keeps 1. The fraction is of the iterations or of the time budget, whichever is
-    further along, so a run cut short by ``max_seconds`` still decays its step size.
-
-    Example:
-        >>> [schedule_factor("step", f) for f in (0.0, 0.5, 0.9)]
-        [1.0, 0.1, 0.001...]
-        >>> schedule_factor("cosine", 0.5)
-        0.5
-    """
-    fraction = min(max(fraction, 0.0), 1.0)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * fraction))
-    if kind == "step":
-        return 0.1 ** sum(fraction >= f for f in (3 / 8, 5 / 8, 7 / 8))
-    return 1.0
-
-
-@dataclass
-class BestSoFar:
-    """The best candidate of a whole attack (all restarts), with its trace and snapshots.
-
-    Attributes:
-        started: ``time.perf_counter()`` when the attack started.
-        total: steps planned over all restarts (for progress).
-        snapshot_every: keep the best candidate (in pixels) every this many steps; 0 = never.
-        to_pixels: maps a candidate from model space to pixel space [0, 1].
-        progress: the attack's progress callback.
-        snapshot_seconds: with a time budget, also keep one every this many seconds.
-        trace_seconds: with a time budget, also add a trace point every this many seconds.
-    """
-
-    started: float
-    total: int
-    snapshot_every: int
-    to_pixels: Callable[[Tensor], Tensor]
-    progress: ProgressFn | None = None
-    snapshot_seconds: float | None = None
-    trace_seconds: float | None = None
-    done: int = 0
-    trace: list[tuple[int, float, float]] = field(default_factory=list)
-    snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
-    _best: tuple[float, Tensor] | None = None
-
-    def offer(self, x: Tensor, cost: float, *, final: bool = False) -> None:
-        """Record one step's candidate `x` (before the step) and its objective."""
-        self.done += 1
-        if self._best is None or cost < self._best[0]:
-            self._best = (cost, x.detach().clone())
-        seconds = time.perf_counter() - self.started
-        every = max(1, self.total // 200)
-        traced = self.done == 1 or self.done % every == 0 or self.done == self.total or final
-        if self.trace_seconds and self.trace:
-            traced = traced or seconds - self.trace[-1][1] >= self.trace_seconds
-        if traced:
-            self.trace.append((self.done, seconds, cost))
-        due = self.done % self.snapshot_every == 0 if self.snapshot_every else False
-        if self.snapshot_every and self.snapshot_seconds:
-            last = self.snapshots[-1][0] if self.snapshots else 0.0
-            due = due or seconds - last >= self.snapshot_seconds
-        if self.snapshot_every and (due or final):
-            self.snapshots.append((seconds, self.to_pixels(self._best[1])))
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-    def best(self) -> tuple[Tensor, float]:
-        """The best candidate seen and its objective."""
-        if self._best is None:
-            raise RuntimeError("no candidate was offered")
-        return self._best[1], self._best[0]
-
-    def final_snapshots(self) -> tuple[tuple[float, Tensor], ...]:
-        """The snapshots, ending with the returned reconstruction."""
-        if not self.snapshot_every or self._best is None:
-            return ()
-        last = self.to_pixels(self._best[1])
-        if not self.snapshots or not torch.equal(self.snapshots[-1][1], last):
-            self.snapshots.append((time.perf_counter() - self.started, last))
-        return tuple(self.snapshots)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -14,17 +14,12 @@ from torch.func import functional_call, vmap
 
 from gradaudit.attacks.base import (
     ProgressFn,
-    attacker_model,
     checked_update,
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
 )
-from gradaudit.attacks.inversion.image import (
-    cosine_distance,
-    labelled_loss,
-    schedule_factor,
-)
+from gradaudit.attacks.inversion.image import GradientTarget, gradient_target
 from gradaudit.attacks.inversion.priors import (
     ConvDecoder,
     PriorConfig,
@@ -33,20 +28,18 @@ from gradaudit.attacks.inversion.priors import (
     load_or_train_prior,
     one_hot,
 )
-from gradaudit.attacks.inversion.simulate import (
-    LocalReplay,
-    UnrollMode,
-    local_replay,
-    mean_candidate_update,
-    simulated_update,
+from gradaudit.attacks.inversion.search import (
+    BestSoFar,
+    Clock,
+    schedule_factor,
+    set_learning_rates,
 )
-from gradaudit.attacks.labels import LabelMethod, dummy_inputs, recover_labels
+from gradaudit.attacks.inversion.simulate import LocalReplay, UnrollMode, local_replay
+from gradaudit.attacks.labels import LabelMethod, labels_for_inversion
 from gradaudit.seeding import torch_generator
 from gradaudit.types import AttackResult, ClientUpdate, Normalization, Observation, Reconstruction
 
 logger = logging.getLogger(__name__)
-
-Trace = list[tuple[int, float, float]]
 
 
 class PriorInversionParams(BaseModel):
@@ -150,104 +143,14 @@ def generate_per_image(
 class _PriorProblem:
     """What both stages need, fixed for the whole attack."""
 
-    model: nn.Module
-    labels: Tensor
+    match: GradientTarget
     onehot: Tensor
     norm: Normalization
-    target: list[Tensor]
-    target_sq: Tensor
-    center: list[Tensor] | None
     decoder: ConvDecoder
-    replay: LocalReplay
 
-
-@dataclass
-class _Run:
-    """Bookkeeping shared by the stages: steps done, trace, snapshots and progress.
-
-    Attributes:
-        started: ``time.perf_counter()`` when the attack started.
-        total: steps planned over both stages (for progress).
-        snapshot_every: keep the best images so far every this many steps; 0 = never.
-        progress: the attack's progress callback.
-    """
-
-    started: float
-    total: int
-    snapshot_every: int
-    progress: ProgressFn | None
-    done: int = 0
-    trace: Trace = field(default_factory=list)
-    snapshots: list[tuple[float, Tensor]] = field(default_factory=list)
-    _best: tuple[float, Tensor] | None = None
-
-    def record(
-        self, step: int, every: int, last: int, pixels: Tensor, cost: float, out_of_time: bool
-    ) -> None:
-        """Offer one step's images (pixel space) and objective: best so far, trace, progress."""
-        if self._best is None or cost < self._best[0]:
-            self._best = (cost, pixels.detach().clone())
-        seconds = time.perf_counter() - self.started
-        if step == 1 or step % every == 0 or step == last or out_of_time:
-            self.trace.append((self.done + step, seconds, cost))
-        if self.snapshot_every and ((self.done + step) % self.snapshot_every == 0 or out_of_time):
-            self.snapshots.append((seconds, self._best[1]))
-        if self.progress is not None:
-            self.progress(self.done + step, self.total)
-
-    def best(self) -> tuple[Tensor, float]:
-        """The best images seen over both stages (pixel space) and their objective."""
-        if self._best is None:
-            raise RuntimeError("no candidate was offered")
-        return self._best[1], self._best[0]
-
-    def final_snapshots(self, images: Tensor) -> tuple[tuple[float, Tensor], ...]:
-        """The snapshots, ending with the returned `images`."""
-        if not self.snapshot_every:
-            return ()
-        if not self.snapshots or not torch.equal(self.snapshots[-1][1], images):
-            self.snapshots.append((time.perf_counter() - self.started, images))
-        return tuple(self.snapshots)
-
-
-def _matching_cost(problem: _PriorProblem, pixels: Tensor) -> Tensor:
-    """Centred cosine distance between the gradient of `pixels` and the target's."""
-    x = problem.norm.normalize(pixels)
-    grads = simulated_update(problem.model, x, labelled_loss(problem.labels), problem.replay)
-    if problem.center is not None:
-        grads = [g - c for g, c in zip(grads, problem.center, strict=True)]
-    return cosine_distance(grads, problem.target, problem.target_sq)
-
-
-@dataclass(frozen=True)
-class _Clock:
-    """One stage's (or restart's) plan: `steps` steps or `budget` seconds from `begun`."""
-
-    begun: float
-    steps: int
-    budget: float | None
-
-    @classmethod
-    def start(cls, steps: int, deadline: float | None, shares: int = 1) -> _Clock:
-        """A plan for `steps` steps and an equal share (of `shares`) of the time left."""
-        now = time.perf_counter()
-        return cls(now, steps, (deadline - now) / shares if deadline is not None else None)
-
-    def fraction(self, step: int) -> float:
-        """How far along the plan is before `step` (from 0): by steps or by time."""
-        done = step / self.steps
-        if self.budget is not None and self.budget > 0:
-            done = max(done, (time.perf_counter() - self.begun) / self.budget)
-        return done
-
-    def out_of_time(self) -> bool:
-        """Whether the time share is spent."""
-        return self.budget is not None and time.perf_counter() >= self.begun + self.budget
-
-
-def _set_lr(optimiser: torch.optim.Optimizer, bases: list[float], factor: float) -> None:
-    for group, base in zip(optimiser.param_groups, bases, strict=True):
-        group["lr"] = base * factor
+    def cost(self, pixels: Tensor) -> Tensor:
+        """Centred cosine distance between the update of `pixels` and the target's."""
+        return self.match.distance(self.norm.normalize(pixels))
 
 
 class PriorInversionAttack:
@@ -343,14 +246,9 @@ class PriorInversionAttack:
         started = time.perf_counter()
         count = update.num_examples
         train_mode = client_trains_batchnorm(obs, p.client_mode)
-        granted = obs.side_info.get("labels")
-        if isinstance(granted, Tensor):
-            labels, label_source = granted.clone(), "granted by the threat model"
-        else:
-            labels, method = recover_labels(
-                obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
-            )
-            label_source = f"recovered ({method})"
+        labels, label_source = labels_for_inversion(
+            obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
+        )
         grads, grad_source = gradient_estimate(update, obs)
         try:
             replay = local_replay(update, obs, p.unroll)
@@ -358,9 +256,14 @@ class PriorInversionAttack:
             return not_applicable(self.name, obs, str(error))
         problem = self._problem(obs, model, grads, labels, train_mode, prior.decoder, replay, rng)
         latent_steps = p.iterations * p.restarts
-        total = latent_steps + p.generator_iterations
-        every = max(1, total // p.snapshots) if p.snapshots else 0
-        run = _Run(started, total, every, progress)
+        run = BestSoFar(
+            started=started,
+            total=latent_steps + p.generator_iterations,
+            to_pixels=lambda pixels: pixels.clamp(0.0, 1.0),
+            snapshots=p.snapshots,
+            max_seconds=p.max_seconds,
+            progress=progress,
+        )
         latent_deadline = generator_deadline = None
         if p.max_seconds is not None:  # the time left after setup, split like the steps
             now = time.perf_counter()
@@ -370,9 +273,8 @@ class PriorInversionAttack:
         best_z, best_cost = None, float("inf")
         for restart in range(p.restarts):
             z0 = torch.randn((count, p.prior_latent_dim), generator=rng)
-            clock = _Clock.start(p.iterations, latent_deadline, p.restarts - restart)
-            z, cost, steps = self._latent_search(problem, z0, clock, run)
-            run.done += steps
+            clock = Clock.start(p.iterations, latent_deadline, p.restarts - restart)
+            z, cost = self._latent_search(problem, z0, clock, run)
             logger.info("prior_inversion restart %d: objective %.6f", restart, cost)
             if cost < best_cost:
                 best_z, best_cost = z, cost
@@ -382,9 +284,8 @@ class PriorInversionAttack:
         latent_cost = best_cost
         generator_steps = 0
         if p.generator_iterations > 0:
-            clock = _Clock.start(p.generator_iterations, generator_deadline)
+            clock = Clock.start(p.generator_iterations, generator_deadline)
             generator_steps = self._generator_search(problem, best_z, clock, run)
-            run.done += generator_steps
         best_pixels, best_cost = run.best()
         images = best_pixels.clamp(0.0, 1.0)
         return AttackResult(
@@ -406,7 +307,7 @@ class PriorInversionAttack:
                 "generator_iterations_run": generator_steps,
                 "objective": best_cost,
                 "latent_objective": latent_cost,
-                "centred": problem.center is not None,
+                "centred": problem.match.center is not None,
                 "prior": {
                     "kind": "class-conditional VAE",
                     "key": prior.key[:16],
@@ -419,7 +320,7 @@ class PriorInversionAttack:
                 "recipe": p.model_dump(),
             },
             trace=tuple(run.trace),
-            snapshots=run.final_snapshots(images),
+            snapshots=run.final_snapshots(),
         )
 
     def _problem(
@@ -434,45 +335,35 @@ class PriorInversionAttack:
         rng: torch.Generator,
     ) -> _PriorProblem:
         assert obs.task.normalization is not None
-        attacker = attacker_model(model, obs)
-        attacker.train(train_mode)
-        target = [grads[n].detach() for n, _ in attacker.named_parameters()]
-        center = None
-        if self.params.center_samples > 0:
-            center = mean_candidate_update(
-                attacker,
-                labelled_loss(labels),
-                replay,
-                lambda: dummy_inputs(obs.task, int(labels.shape[0]), rng),
-                samples=self.params.center_samples,
-            )
-            target = [t - c for t, c in zip(target, center, strict=True)]
+        match = gradient_target(
+            obs,
+            model,
+            grads,
+            labels,
+            replay,
+            train_mode=train_mode,
+            center_samples=self.params.center_samples,
+            rng=rng,
+        )
         return _PriorProblem(
-            model=attacker,
-            labels=labels,
+            match=match,
             onehot=one_hot(labels, obs.task.num_classes),
             norm=obs.task.normalization,
-            target=target,
-            target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
-            center=center,
             decoder=decoder,
-            replay=replay,
         )
 
     def _latent_search(
-        self, problem: _PriorProblem, z0: Tensor, clock: _Clock, run: _Run
-    ) -> tuple[Tensor, float, int]:
-        """Stage 1, one restart: the best code seen, its objective, and the steps run."""
+        self, problem: _PriorProblem, z0: Tensor, clock: Clock, run: BestSoFar
+    ) -> tuple[Tensor, float]:
+        """Stage 1, one restart: the best code seen and its objective."""
         p = self.params
         z = z0.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([z], lr=p.lr)
         best_z, best_cost = z.detach().clone(), float("inf")
-        every = max(1, p.iterations // 200)
-        step = 0
-        for step in range(1, p.iterations + 1):
-            _set_lr(optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step - 1)))
+        for step in range(p.iterations):
+            set_learning_rates(optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step)))
             pixels = problem.decoder(z, problem.onehot)
-            objective = _matching_cost(problem, pixels)
+            objective = problem.cost(pixels)
             objective = objective + p.latent_weight * z.pow(2).mean()
             (z.grad,) = torch.autograd.grad(objective, [z])
             cost = float(objective.detach())
@@ -480,13 +371,13 @@ class PriorInversionAttack:
                 best_cost, best_z = cost, z.detach().clone()
             optimiser.step()
             out_of_time = clock.out_of_time()
-            run.record(step, every, p.iterations, pixels, cost, out_of_time)
+            run.offer(pixels, cost, final=out_of_time)
             if out_of_time:
                 break
-        return best_z, best_cost, step
+        return best_z, best_cost
 
     def _generator_search(
-        self, problem: _PriorProblem, z0: Tensor, clock: _Clock, run: _Run
+        self, problem: _PriorProblem, z0: Tensor, clock: Clock, run: BestSoFar
     ) -> int:
         """Stage 2 (GIAS): fine-tune a generator copy per image with its code.
 
@@ -508,14 +399,13 @@ class PriorInversionAttack:
             [{"params": [z], "lr": p.lr}, {"params": list(weights.values())}],
             lr=p.generator_lr,
         )
-        every = max(1, p.generator_iterations // 200)
         step = 0
         for step in range(1, p.generator_iterations + 1):
             factor = schedule_factor(p.schedule, clock.fraction(step - 1))
-            _set_lr(optimiser, [p.lr, p.generator_lr], factor)
+            set_learning_rates(optimiser, [p.lr, p.generator_lr], factor)
             pixels = generate_per_image(problem.decoder, weights, z, problem.onehot)
             drift = sum((weights[n] - original[n]).pow(2).sum() for n in original) / (numel * count)
-            objective = _matching_cost(problem, pixels)
+            objective = problem.cost(pixels)
             objective = objective + p.latent_weight * z.pow(2).mean() + p.generator_weight * drift
             variables = [z, *weights.values()]
             for variable, grad in zip(
@@ -525,7 +415,7 @@ class PriorInversionAttack:
             cost = float(objective.detach())
             optimiser.step()
             out_of_time = clock.out_of_time()
-            run.record(step, every, p.generator_iterations, pixels, cost, out_of_time)
+            run.offer(pixels, cost, final=out_of_time)
             if out_of_time:
                 break
         return step

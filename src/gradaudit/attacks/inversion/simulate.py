@@ -32,6 +32,15 @@ examples (indices into the candidate batch) it holds."""
 UnrollMode = Literal["auto", "always", "never"]
 
 
+def labelled_loss(labels: Tensor) -> LossFn:
+    """The cross-entropy of a local batch whose candidate examples carry `labels`."""
+
+    def loss(logits: Tensor, index: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits, labels[index])
+
+    return loss
+
+
 @dataclass(frozen=True)
 class LocalReplay:
     """How the attacker replays the client's local computation.
