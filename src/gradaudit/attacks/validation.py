@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from gradaudit.federation.local import has_batchnorm
+
 ValidationMethod = Literal["leave_one_out", "batch"]
 
 
@@ -33,16 +35,6 @@ class Validation:
     confidence: Tensor
     method: ValidationMethod
     note: str
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether any module of `model` is a BatchNorm layer.
-
-    Example:
-        >>> has_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
-        True
-    """
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def flat_cosine(a: Tensor, b: Tensor) -> Tensor:

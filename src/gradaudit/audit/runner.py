@@ -38,7 +38,6 @@ from gradaudit.audit.scoring import (
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
 from gradaudit.federation import RoundRecord, run_federation
-from gradaudit.metrics import match_reconstructions
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng, torch_generator
 from gradaudit.threat import describe_threat, observe
@@ -185,8 +184,12 @@ def run_audit(
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
         result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
         validation = validate(result, attack, obs, model)
-        entry = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
-        _add_validation(entry, result, validation, true_images, scenario.threat.keep_threshold)
+        entry, perm = _entry(
+            result, index, out_dir, true_images, true_labels, dataset.info.class_names
+        )
+        _add_validation(
+            entry, result, validation, true_images, perm, scenario.threat.keep_threshold
+        )
         if result.status != "failed":  # a failure is retried by the next run
             atomic_write_json(cached, entry)
         attack_entries.append(entry)
@@ -324,9 +327,13 @@ def _add_validation(
     result: AttackResult,
     validation: Validation | str | None,
     true_images: torch.Tensor | None,
+    perm: torch.Tensor | None,
     threshold: float,
 ) -> None:
-    """Put the keep rule's outcome, the per-image table and the PSNR curve into `entry`."""
+    """Put the keep rule's outcome, the per-image table and the PSNR curve into `entry`.
+
+    `perm` is the matching of reconstructions to true images that scoring already found.
+    """
     entry["psnr_curve"] = []
     if result.status != "ok" or true_images is None:
         return
@@ -336,9 +343,8 @@ def _add_validation(
     if isinstance(validation, str):
         entry["validation"] = {"method": None, "note": validation}
         return
-    if validation is None or rec.images is None or rec.images.shape != true_images.shape:
+    if validation is None or rec.images is None or perm is None:
         return
-    perm = match_reconstructions(rec.images, true_images)
     summary, rows = score_validation(
         rec.images, true_images, perm, validation.confidence, threshold, rec.labels
     )
@@ -368,7 +374,8 @@ def _entry(
     true_images: torch.Tensor | None,
     true_labels: torch.Tensor,
     class_names: tuple[str, ...],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The report entry of one attack, and the matching of its reconstructions (if any)."""
     entry: dict[str, Any] = {
         "attack": result.attack,
         "round": result.round,
@@ -382,7 +389,7 @@ def _entry(
         "trace": [list(t) for t in result.trace],
     }
     if result.status != "ok":
-        return entry
+        return entry, None
     rec = result.reconstruction
     metrics, perm = score_reconstruction(rec, true_images, true_labels)
     entry["metrics"] = metrics
@@ -399,7 +406,7 @@ def _entry(
         png = artifacts.comparison_png(true_images, rec.images[perm])
         artifacts.save_png(out_dir / name, png)
         entry["artifacts"].append(name)
-    return entry
+    return entry, perm
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:

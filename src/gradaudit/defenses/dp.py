@@ -18,8 +18,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradaudit.federation.local import has_batchnorm
-
 
 def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """The gradient of each example's cross-entropy, keyed like ``model.named_parameters()``.
@@ -30,9 +28,7 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, T
         ValueError: the model has BatchNorm, whose batch statistics mix the examples (per-example
             gradients, and so DP-SGD, are not defined; use GroupNorm or frozen statistics).
     """
-    if has_batchnorm(model) and any(
-        m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ):
+    if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         raise ValueError(
             "per-example gradients are undefined for BatchNorm on batch statistics (it mixes the "
             "examples of a batch); use norm=group, or federation.local.batchnorm=frozen"
