@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradaudit.federation.local import LocalPlan, train_clients_loop
-from gradaudit.types import ClientUpdate, Observation, TaskInfo
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,47 +37,6 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-
-
-def fedavg_observation(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    task: TaskInfo,
-    *,
-    lr: float,
-    batch_size: int,
-    knows: tuple[str, ...],
-    batchnorm: str = "frozen",
-) -> Observation:
-    """The server's view of one FedAvg client that runs one epoch over ``(x, y)`` in order.
-
-    The client's batches are consecutive slices of `x` (the attacker does not know the order);
-    the update is the model change after ``ceil(len(x) / batch_size)`` local SGD steps.
-    """
-    steps = tuple(
-        np.arange(start, min(start + batch_size, len(x))) for start in range(0, len(x), batch_size)
-    )
-    plan = LocalPlan(0, steps)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    (tensors,) = train_clients_loop(
-        model, state, x, y, [plan], algorithm="fedavg", lr=lr, batchnorm=batchnorm
-    )
-    update = ClientUpdate(0, 1, "delta", tensors, len(x))
-    side: dict[str, object] = {"architecture": True}
-    if "labels" in knows:
-        side["labels"] = y.clone()
-    if "local_hyperparameters" in knows:
-        side["local_hyperparameters"] = {
-            "algorithm": "fedavg",
-            "lr": lr,
-            "batch_size": batch_size,
-            "epochs": 1,
-            "steps": None,
-            "batchnorm": batchnorm,
-            "num_steps": len(steps),
-        }
-    return Observation(1, 0, state, (update,), None, side, task)
 
 
 def trained_convnet(width: int, epochs: int, *, seed: int = 0, examples: int = 1000):

@@ -17,13 +17,13 @@ import time
 import numpy as np
 import torch
 import yaml
-from _common import cifar10_test_picks, fedavg_observation, machine, trained_convnet
+from _common import cifar10_test_picks, machine, trained_convnet
 
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.data import load_dataset
 from gradaudit.metrics import match_reconstructions, psnr, ssim
 from gradaudit.seeding import torch_generator
-from gradaudit.threat import observe_batch
+from gradaudit.threat import observe_batch, observe_fedavg
 
 
 def main() -> None:
@@ -106,7 +106,7 @@ def main() -> None:
                 model, x, y, info, knows=knows, train_mode=args.batchnorm == "train"
             )
         else:
-            obs = fedavg_observation(
+            obs = observe_fedavg(
                 model,
                 x,
                 y,

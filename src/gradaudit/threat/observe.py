@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradaudit.config import FederationSpec, ThreatSpec
 from gradaudit.federation.aggregation import weighted_mean
+from gradaudit.federation.local import LocalPlan, train_clients_loop
 from gradaudit.federation.loop import Capture
 from gradaudit.types import ClientUpdate, Observation, TaskInfo, Visibility
 
@@ -167,20 +169,80 @@ def observe_batch(
     model.load_state_dict(state)
     model.train(was_training)
     update = ClientUpdate(client, 1, "gradient", tensors, int(x.shape[0]))
+    hyper = {
+        "algorithm": "fedsgd",
+        "batch_size": int(x.shape[0]),
+        "batchnorm": "train" if train_mode else "frozen",
+        "num_steps": 1,
+    }
+    side = _granted(knows, y, int(x.shape[0]), hyper, public_data, task)
+    return Observation(1, client, state, (update,), None, side, task)
+
+
+def observe_fedavg(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    task: TaskInfo,
+    *,
+    lr: float,
+    batch_size: int,
+    knows: tuple[str, ...] = ("architecture",),
+    batchnorm: str = "frozen",
+    client: int = 0,
+) -> Observation:
+    """The server's view of one FedAvg client that runs one epoch over ``(x, y)`` in order.
+
+    The counterpart of :func:`observe_batch` for model changes: the client's local batches are
+    consecutive slices of `x`, trained with the federation's own loop engine, and its update is
+    the model change after ``ceil(len(x) / batch_size)`` local SGD steps.
+    """
+    steps = tuple(
+        np.arange(start, min(start + batch_size, len(x))) for start in range(0, len(x), batch_size)
+    )
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (tensors,) = train_clients_loop(
+        model,
+        state,
+        x,
+        y,
+        [LocalPlan(client, steps)],
+        algorithm="fedavg",
+        lr=lr,
+        batchnorm=batchnorm,
+    )
+    update = ClientUpdate(client, 1, "delta", tensors, len(x))
+    hyper = {
+        "algorithm": "fedavg",
+        "lr": lr,
+        "batch_size": batch_size,
+        "epochs": 1,
+        "steps": None,
+        "batchnorm": batchnorm,
+        "num_steps": len(steps),
+    }
+    side = _granted(knows, y, batch_size, hyper, None, task)
+    return Observation(1, client, state, (update,), None, side, task)
+
+
+def _granted(
+    knows: tuple[str, ...],
+    y: Tensor,
+    batch_size: int,
+    hyper: dict[str, object],
+    public_data: PublicData | None,
+    task: TaskInfo,
+) -> dict[str, object]:
+    """The side information `knows` grants in the shortcut observations."""
     side: dict[str, object] = {"architecture": True} if "architecture" in knows else {}
     if "labels" in knows:
         side["labels"] = y.clone()
     if "batch_size" in knows:
-        side["batch_size"] = int(x.shape[0])
+        side["batch_size"] = batch_size
     if "local_hyperparameters" in knows:
-        side["local_hyperparameters"] = {
-            "algorithm": "fedsgd",
-            "batch_size": int(x.shape[0]),
-            "batchnorm": "train" if train_mode else "frozen",
-            "num_steps": 1,
-        }
+        side["local_hyperparameters"] = hyper
     if "public_data" in knows:
         if public_data is None:
-            raise ValueError("knows grants public_data, but none was passed to observe_batch")
+            raise ValueError("knows grants public_data, but none was passed")
         side["public_data"] = public_side_info(public_data, task)
-    return Observation(1, client, state, (update,), None, side, task)
+    return side

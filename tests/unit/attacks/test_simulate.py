@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,12 +20,10 @@ from gradaudit.attacks.inversion.simulate import (
     simulated_update,
 )
 from gradaudit.data import load_dataset
-from gradaudit.federation.local import LocalPlan, train_clients_loop
 from gradaudit.metrics import match_reconstructions, psnr
 from gradaudit.models import build_model
 from gradaudit.seeding import torch_generator
-from gradaudit.threat import observe_batch
-from gradaudit.types import ClientUpdate, Observation
+from gradaudit.threat import observe_batch, observe_fedavg
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +31,7 @@ def digits():
     return load_dataset("digits", None)
 
 
-def _fedavg_observation(model, x, y, task, *, lr, batch_size, knows=True, batchnorm="frozen"):
-    """A FedAvg client that runs one epoch over (x, y) in order, as the federation would."""
-    steps = tuple(np.arange(s, min(s + batch_size, len(x))) for s in range(0, len(x), batch_size))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    (tensors,) = train_clients_loop(
-        model, state, x, y, [LocalPlan(0, steps)], algorithm="fedavg", lr=lr, batchnorm=batchnorm
-    )
-    side: dict[str, object] = {"architecture": True, "labels": y.clone()}
-    if knows:
-        side["local_hyperparameters"] = {
-            "algorithm": "fedavg",
-            "lr": lr,
-            "batch_size": batch_size,
-            "batchnorm": batchnorm,
-            "num_steps": len(steps),
-        }
-    update = ClientUpdate(0, 1, "delta", tensors, len(x))
-    return Observation(1, 0, state, (update,), None, side, task)
+INFORMED = ("architecture", "labels", "local_hyperparameters")
 
 
 def test_replay_batches_cycle_through_the_candidates() -> None:
@@ -62,7 +42,7 @@ def test_replay_batches_cycle_through_the_candidates() -> None:
 def test_unrolled_replay_reproduces_the_fedavg_delta_exactly(digits) -> None:
     model = build_model("mlp", {"hidden": [32]}, digits.info, generator=torch_generator(0, "m"))
     x, y = digits.x_train[:5], digits.y_train[:5]
-    obs = _fedavg_observation(model, x, y, digits.info, lr=0.5, batch_size=2)
+    obs = observe_fedavg(model, x, y, digits.info, lr=0.5, batch_size=2, knows=INFORMED)
     update = obs.updates[0]
     replay = local_replay(update, obs, "auto")
     assert replay.unrolled and replay.steps == 3
@@ -80,11 +60,13 @@ def test_unrolled_replay_reproduces_the_fedavg_delta_exactly(digits) -> None:
 def test_replay_choice_follows_what_the_adversary_knows(digits) -> None:
     model = build_model("mlp", {"hidden": [8]}, digits.info, generator=torch_generator(0, "m"))
     x, y = digits.x_train[:2], digits.y_train[:2]
-    blind = _fedavg_observation(model, x, y, digits.info, lr=0.1, batch_size=1, knows=False)
+    blind = observe_fedavg(
+        model, x, y, digits.info, lr=0.1, batch_size=1, knows=("architecture", "labels")
+    )
     assert not local_replay(blind.updates[0], blind, "auto").unrolled
     with pytest.raises(ValueError, match="local_hyperparameters"):
         local_replay(blind.updates[0], blind, "always")
-    informed = _fedavg_observation(model, x, y, digits.info, lr=0.1, batch_size=1)
+    informed = observe_fedavg(model, x, y, digits.info, lr=0.1, batch_size=1, knows=INFORMED)
     assert not local_replay(informed.updates[0], informed, "never").unrolled
     fedsgd = observe_batch(model, x, y, digits.info)
     assert not local_replay(fedsgd.updates[0], fedsgd, "always").unrolled
@@ -109,7 +91,9 @@ def test_batchnorm_statistics_match_only_at_the_truth(digits, steps) -> None:
     if steps == 1:
         obs = observe_batch(model, x, y, digits.info, train_mode=True)
     else:
-        obs = _fedavg_observation(model, x, y, digits.info, lr=0.1, batch_size=1, batchnorm="train")
+        obs = observe_fedavg(
+            model, x, y, digits.info, lr=0.1, batch_size=1, batchnorm="train", knows=INFORMED
+        )
     update = obs.updates[0]
     layers = batchnorm_layers(model)
     target = bn_statistics_target(update, layers)
@@ -141,7 +125,7 @@ def test_inverting_gradients_unrolls_fedavg_local_steps(digits) -> None:
     idx = torch.tensor([5, 40])
     x, y = digits.x_train[idx], digits.y_train[idx]
     truth = digits.info.normalization.denormalize(x)
-    obs = _fedavg_observation(model, x, y, digits.info, lr=1.0, batch_size=1)
+    obs = observe_fedavg(model, x, y, digits.info, lr=1.0, batch_size=1, knows=INFORMED)
     scores = {}
     for mode in ("auto", "never"):
         params = InvertingGradientsParams(iterations=300, tv_weight=0.0, unroll=mode)
