@@ -166,6 +166,35 @@ def _run_with_progress(scenario, target: Path, resume: bool):  # type: ignore[no
     return report
 
 
+def defense_lines(report: dict) -> list[str]:  # type: ignore[type-arg]
+    """The defenses and the privacy guarantee in plain lines, warnings included.
+
+    Example:
+        >>> defense_lines({"defenses": [{"kind": "topk", "guarantee": "none (heuristic)",
+        ...     "warnings": []}], "privacy": None})
+        ['defense topk: guarantee none (heuristic)']
+    """
+    lines = [f"defense {d['kind']}: guarantee {d['guarantee']}" for d in report.get("defenses", [])]
+    privacy = report.get("privacy")
+    if privacy:
+        eps = privacy["epsilon"]
+        shown = "unbounded" if eps is None else f"{eps:.3g}"
+        lines.append(
+            f"privacy: epsilon {shown} at delta {privacy['delta']:g} ({privacy['level']} level, "
+            f"{privacy['accountant']} accountant, {privacy['neighbours']} neighbours)"
+        )
+        if privacy.get("per_client"):
+            worst = sorted(privacy["per_client"].items(), key=lambda kv: -kv[1])[:5]
+            lines.append("  per client: " + ", ".join(f"{c}: {e:.3g}" for c, e in worst))
+        if privacy.get("protects_against"):
+            lines.append(f"  {privacy['protects_against']}")
+        if privacy.get("stopped_early"):
+            lines.append(f"  stopped early: {privacy['stopped_early']}")
+    warnings = [w for d in report.get("defenses", []) for w in d.get("warnings", [])]
+    lines += [f"warning: {w}" for w in warnings]
+    return lines
+
+
 def _summarise(report: dict, target: Path) -> None:  # type: ignore[type-arg]
     table = Table(title=f"{report['name']}: risk {report['risk']['level'].upper()}")
     table.add_column("attack")
@@ -185,6 +214,8 @@ def _summarise(report: dict, target: Path) -> None:  # type: ignore[type-arg]
     else:
         out.print("no attacks configured: utility only")
     out.print(f"final test accuracy: {report['utility']['final_test_accuracy']:.4f}")
+    for line in defense_lines(report):
+        out.print(line, highlight=False)
     for finding in report["risk"]["findings"]:
         out.print(f" • {finding}", highlight=False)
     out.print(f"report: {target / 'report.html'}  (data: {target / 'report.json'})")

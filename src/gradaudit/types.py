@@ -29,6 +29,10 @@ class ClientUpdate:
             the change the client's local forward passes made to them.
         tensors: one tensor per ``model.state_dict()`` key.
         num_examples: how many local examples the update was computed from (sent for weighting).
+        withheld: keys the client did not send (a private head, a dropped sub-model part); their
+            tensors are zeros that carry no information and aggregation leaves them unchanged.
+        wire_bytes: the encoded size on the wire when a defense compresses the update (sparse
+            indices, quantised codes); None means dense float tensors of the sent keys.
     """
 
     client_id: int
@@ -36,6 +40,20 @@ class ClientUpdate:
     kind: Literal["gradient", "delta"]
     tensors: TensorDict
     num_examples: int
+    withheld: frozenset[str] = frozenset()
+    wire_bytes: int | None = None
+
+    @property
+    def sent_keys(self) -> list[str]:
+        """The keys that travelled to the server."""
+        return [k for k in self.tensors if k not in self.withheld]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on the wire: `wire_bytes`, else the sent tensors uncompressed."""
+        if self.wire_bytes is not None:
+            return self.wire_bytes
+        return sum(self.tensors[k].numel() * self.tensors[k].element_size() for k in self.sent_keys)
 
 
 class Visibility(enum.Enum):

@@ -22,6 +22,7 @@ from gradaudit.attacks.base import (
     attacker_model,
     client_trains_batchnorm,
     gradient_estimate,
+    not_applicable,
     target_update,
 )
 from gradaudit.attacks.validation import Validation, validate_reconstruction
@@ -37,7 +38,9 @@ from gradaudit.audit.scoring import (
 )
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
-from gradaudit.federation import RoundRecord, run_federation
+from gradaudit.defenses import build_client_defenses
+from gradaudit.defenses.base import DefenseContext, DefenseStack
+from gradaudit.federation import Capture, RoundRecord, run_federation
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng, torch_generator
 from gradaudit.threat import describe_threat, observe
@@ -140,6 +143,17 @@ def run_audit(
         generator=torch_generator(seed, "model"),
     )
 
+    defenses = build_client_defenses(
+        scenario.defenses.client,
+        DefenseContext(
+            model=model,
+            federation=scenario.federation,
+            num_clients=scenario.data.num_clients,
+            client_sizes=tuple(len(c) for c in clients),
+            task=dataset.info,
+            seed=seed,
+        ),
+    )
     hooks.stage("federated training", scenario.federation.rounds)
     target = scenario.threat.target
     fed = run_federation(
@@ -149,9 +163,12 @@ def run_audit(
         scenario.federation,
         seed=seed,
         capture_rounds={target.round},
+        defenses=defenses,
         on_round=hooks.round_done,
     )
-    capture = fed.captures[target.round]
+    capture = fed.captures.get(target.round)
+    if capture is None:  # a privacy budget stopped training before the target round
+        capture = Capture(target.round, fed.final_state, (), {})
     obs = observe(
         scenario.threat,
         capture,
@@ -182,7 +199,13 @@ def run_audit(
             continue
         attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
-        result = _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
+        result = (
+            not_applicable(
+                spec.kind, obs, f"training stopped before round {target.round}: {fed.stopped}"
+            )
+            if fed.stopped is not None and target.round > len(fed.rounds)
+            else _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
+        )
         validation = validate(result, attack, obs, model)
         entry, perm = _entry(
             result, index, out_dir, true_images, true_labels, dataset.info.class_names
@@ -211,11 +234,13 @@ def run_audit(
             "engine": fed.engine,
             "num_clients": scenario.data.num_clients,
             "client_sizes": [len(c) for c in clients],
+            "stopped": fed.stopped,
             "rounds": [
                 {
                     "round": r.round,
                     "sampled": list(r.sampled),
                     "dropped": list(r.dropped),
+                    "declined": list(r.declined),
                     "test_accuracy": r.test_accuracy,
                     "test_loss": r.test_loss,
                 }
@@ -227,7 +252,8 @@ def run_audit(
             "test_accuracy": accuracy,
             "final_test_accuracy": accuracy[-1],
         },
-        "privacy": None,
+        "defenses": [d.describe() for d in defenses.defenses],
+        "privacy": privacy_block(defenses, fed.stopped),
         "cost": {
             "seconds": 0.0,
             "bytes_up_per_client": fed.cost.bytes_up_per_client,
@@ -261,6 +287,28 @@ def run_audit(
     report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
     write_report(report, out_dir)
     return report
+
+
+def privacy_block(defenses: DefenseStack, stopped: str | None) -> dict[str, Any] | None:
+    """The report's ``privacy`` block: the DP defense's epsilon with its context, else None.
+
+    Only a defense with a formal guarantee and an accountant contributes; heuristic defenses
+    appear under ``defenses`` with the guarantee ``none (heuristic)``, never here.
+    """
+    for defense in defenses.defenses:
+        report = defense.privacy()
+        if report is None:
+            continue
+        described = defense.describe()
+        return {
+            **report.as_dict(),
+            "mechanism": defense.name,
+            "guarantee": described["guarantee"],
+            "protects_against": described["notes"][0] if described["notes"] else None,
+            "stopped_early": stopped,
+            "warnings": described["warnings"],
+        }
+    return None
 
 
 def _run_one(

@@ -1,16 +1,49 @@
-"""Defenses: client-side update transforms and server-side aggregation protocols."""
+"""Defenses: client-side update transforms and server-side aggregation protocols.
+
+Client defenses are registered in :data:`CLIENT_DEFENSES` as factories
+``factory(params, context) -> ClientDefense`` (see :mod:`gradaudit.defenses.base`);
+:func:`build_client_defenses` turns a scenario's list into the :class:`DefenseStack` the round
+loop runs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradaudit.errors import ConfigError
 from gradaudit.registry import Registry
 
 CLIENT_DEFENSES: Registry[Callable[..., Any]] = Registry("client defense")
-"""UpdateTransform factories, applied by each client to its update before sending."""
+"""ClientDefense factories ``(params, context)``, applied by each client before sending."""
 
 SERVER_DEFENSES: Registry[Callable[..., Any]] = Registry("server defense")
 """Aggregation protocols (secure aggregation, homomorphic encryption, robust aggregation)."""
 
-__all__ = ["CLIENT_DEFENSES", "SERVER_DEFENSES"]
+
+def build_client_defenses(specs: Sequence[Any], context: Any) -> Any:
+    """The DefenseStack of `specs` (``ComponentSpec`` items) built with `context`.
+
+    Raises:
+        ConfigError: a defense refuses the run's settings (it says which and why), or two
+            defenses cannot be combined.
+    """
+    from gradaudit.defenses.base import DefenseStack
+
+    built = []
+    for i, spec in enumerate(specs):
+        where = f"defenses.client[{i}]"
+        params = CLIENT_DEFENSES.parse_params(spec.kind, spec.params, where=f"{where}.params")
+        try:
+            built.append(CLIENT_DEFENSES.get(spec.kind)(params, context))
+        except ValueError as exc:
+            raise ConfigError(f"{where} ({spec.kind}): {exc}") from None
+    try:
+        return DefenseStack(tuple(built))
+    except ValueError as exc:
+        raise ConfigError(f"defenses.client: {exc}") from None
+
+
+from gradaudit.defenses import client as _client  # noqa: E402,F401  (registers the defenses)
+
+__all__ = ["CLIENT_DEFENSES", "SERVER_DEFENSES", "build_client_defenses"]

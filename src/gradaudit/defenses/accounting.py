@@ -12,9 +12,10 @@ relation: an epsilon without them means nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import dp_accounting
@@ -142,6 +143,17 @@ def epsilon(
     return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(
+    rounds: tuple[GaussianRound, ...],
+    delta: float,
+    accountant: AccountantKind,
+    neighbours: Neighbours,
+) -> float:
+    """`epsilon`, memoised: clients with the same history share one accountant call."""
+    return epsilon(rounds, delta, accountant=accountant, neighbours=neighbours)
+
+
 @dataclass
 class PrivacyLedger:
     """The DP events of one run, per client, and their epsilon.
@@ -164,17 +176,26 @@ class PrivacyLedger:
     _rounds: dict[int, list[GaussianRound]] = field(default_factory=dict)
 
     def record(self, client: int, mechanism: GaussianRound) -> None:
-        """Add one mechanism `client` was subject to."""
-        self._rounds.setdefault(client, []).append(mechanism)
+        """Add one mechanism `client` was subject to (a repeat of the last one is counted)."""
+        history = self._rounds.setdefault(client, [])
+        if history and replace(history[-1], count=0) == replace(mechanism, count=0):
+            history[-1] = replace(history[-1], count=history[-1].count + mechanism.count)
+        else:
+            history.append(mechanism)
+
+    def rounds_of(self, client: int) -> tuple[GaussianRound, ...]:
+        """The mechanisms recorded for `client`, repeats merged."""
+        return tuple(self._rounds.get(client, ()))
 
     def epsilon_of(self, client: int, extra: Sequence[GaussianRound] = ()) -> float:
         """`client`'s epsilon so far, plus `extra` mechanisms (to test a round before it runs)."""
-        return epsilon(
-            [*self._rounds.get(client, []), *extra],
-            self.delta,
-            accountant=self.accountant,
-            neighbours=self.neighbours,
-        )
+        history = list(self._rounds.get(client, []))
+        for mechanism in extra:
+            if history and replace(history[-1], count=0) == replace(mechanism, count=0):
+                history[-1] = replace(history[-1], count=history[-1].count + mechanism.count)
+            else:
+                history.append(mechanism)
+        return _cached_epsilon(tuple(history), self.delta, self.accountant, self.neighbours)
 
     def would_exceed(self, max_epsilon: float, planned: dict[int, GaussianRound]) -> bool:
         """Whether running `planned` (client -> mechanism) takes any client past `max_epsilon`."""

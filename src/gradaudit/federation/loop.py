@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -13,6 +15,7 @@ from torch import nn
 
 from gradaudit.config import FederationSpec
 from gradaudit.data.base import Dataset
+from gradaudit.defenses.base import DefenseStack, LocalData, RoundInfo
 from gradaudit.errors import ConfigError
 from gradaudit.federation.aggregation import apply_aggregate, weighted_mean
 from gradaudit.federation.local import (
@@ -28,8 +31,6 @@ from gradaudit.types import ClientUpdate, TensorDict
 
 logger = logging.getLogger(__name__)
 
-UpdateTransformFn = Callable[..., ClientUpdate]
-
 
 @dataclass(frozen=True)
 class RoundRecord:
@@ -41,6 +42,7 @@ class RoundRecord:
         dropped: the sampled clients whose update never arrived.
         test_accuracy: the new global model's accuracy on the test set.
         test_loss: its mean cross-entropy on the test set.
+        declined: sampled clients a defense kept out (a participation budget spent).
     """
 
     round: int
@@ -48,6 +50,7 @@ class RoundRecord:
     dropped: tuple[int, ...]
     test_accuracy: float
     test_loss: float
+    declined: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,14 @@ class Capture:
         global_state: the model the server sent at the start of the round.
         updates: every update that reached the server (after client-side defenses).
         plans: PRIVATE: which examples each client used. Attacks never see this.
+        aggregate: the aggregate the server computed (with any noise a defense added).
     """
 
     round: int
     global_state: TensorDict
     updates: tuple[ClientUpdate, ...]
     plans: Mapping[int, LocalPlan]
+    aggregate: TensorDict | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class CostRecord:
 
 @dataclass(frozen=True)
 class FederationResult:
-    """The outcome of a simulated federation."""
+    """The outcome of a simulated federation (`stopped`: why it ended early, if it did)."""
 
     final_state: TensorDict
     rounds: tuple[RoundRecord, ...]
@@ -87,6 +92,7 @@ class FederationResult:
     engine: str
     cost: CostRecord
     initial_test_accuracy: float
+    stopped: str | None = None
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -111,15 +117,21 @@ def evaluate(
     return correct / n, loss / n
 
 
-def choose_engine(model: nn.Module, requested: str) -> str:
-    """`vectorised` where the model allows it (no BatchNorm), else `loop`."""
+def choose_engine(model: nn.Module, requested: str, *, needs_loop: bool = False) -> str:
+    """`vectorised` where the model and the defenses allow it (no BatchNorm, no per-client
+    training hook), else `loop`."""
     if requested == "vectorised" and has_batchnorm(model):
         raise ConfigError(
             "federation.engine: 'vectorised' cannot train a model with BatchNorm (its running "
             "statistics are per-client state); use 'loop' or 'auto'"
         )
+    if requested == "vectorised" and needs_loop:
+        raise ConfigError(
+            "federation.engine: 'vectorised' cannot run a defense that hooks into each client's "
+            "training (federated_dropout, private_head); use 'loop' or 'auto'"
+        )
     if requested == "auto":
-        return "loop" if has_batchnorm(model) else "vectorised"
+        return "loop" if has_batchnorm(model) or needs_loop else "vectorised"
     return requested
 
 
@@ -131,10 +143,10 @@ def run_federation(
     *,
     seed: int,
     capture_rounds: Collection[int] = (),
-    client_transforms: Sequence[UpdateTransformFn] = (),
+    defenses: DefenseStack | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> FederationResult:
-    """Simulate `spec.rounds` rounds of FedSGD or FedAvg on `dataset` split as `client_indices`.
+    """Simulate up to `spec.rounds` rounds of FedSGD or FedAvg on `dataset` split by client.
 
     Args:
         model: the global model; its current state is the initial global model.
@@ -143,19 +155,24 @@ def run_federation(
         spec: the federation settings.
         seed: the scenario seed; every random choice derives a named stream from it.
         capture_rounds: rounds whose traffic is kept (for the adversary and the scorer).
-        client_transforms: client-side defenses, applied in order to every update.
+        defenses: the client-side defenses (see `defenses.base`); they may change local
+            training, transform each update, prescribe the server's aggregate, and stop training
+            before a round (a privacy budget spent).
         on_round: called after every round (for progress display).
 
     Returns:
-        The final model state, the per-round records and the captured rounds.
+        The final model state, the per-round records, the captured rounds and, when a defense
+        stopped training early, its reason.
     """
-    engine = choose_engine(model, spec.engine)
+    defenses = defenses or DefenseStack()
+    engine = choose_engine(model, spec.engine, needs_loop=defenses.needs_loop_engine)
     train = train_clients_vectorised if engine == "vectorised" else train_clients_loop
     param_names = frozenset(name for name, _ in model.named_parameters())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scratch = copy.deepcopy(model)
     kind = "gradient" if spec.algorithm == "fedsgd" else "delta"
     x, y = dataset.x_train, dataset.y_train
-    initial_accuracy, _ = evaluate(model, state, dataset.x_test, dataset.y_test)
+    initial_accuracy, _ = _evaluate_states(model, state, dataset, defenses)
 
     records: list[RoundRecord] = []
     captures: dict[int, Capture] = {}
@@ -163,6 +180,7 @@ def run_federation(
     client_seconds: list[float] = []
     server_seconds: list[float] = []
     down_bytes = tensor_bytes(state)
+    stopped: str | None = None
     for rnd in range(1, spec.rounds + 1):
         sampled = sample_clients(
             len(client_indices),
@@ -170,9 +188,16 @@ def run_federation(
             sample_rate=spec.sample_rate,
             rng=numpy_rng(seed, "sampling", rnd),
         )
+        stopped = defenses.stop_reason(rnd, [int(c) for c in sampled])
+        if stopped is not None:
+            logger.warning("training stopped before round %d: %s", rnd, stopped)
+            break
+        declined = np.array([c for c in sampled if not defenses.admits(int(c), rnd)], np.int64)
+        willing = np.setdiff1d(sampled, declined)
         survivors, dropped = drop_clients(
-            sampled, dropout_rate=spec.dropout_rate, rng=numpy_rng(seed, "dropout", rnd)
+            willing, dropout_rate=spec.dropout_rate, rng=numpy_rng(seed, "dropout", rnd)
         )
+        rules = [defenses.local_training(int(c), rnd) for c in survivors]
         plans = [
             plan_local_batches(
                 int(c),
@@ -182,8 +207,9 @@ def run_federation(
                 epochs=spec.local.epochs,
                 steps=spec.local.steps,
                 rng=numpy_rng(seed, "local", rnd, int(c)),
+                poisson=rule is not None and rule.poisson_batches,
             )
-            for c in survivors
+            for c, rule in zip(survivors, rules, strict=True)
         ]
         started = time.perf_counter()
         tensors = (
@@ -196,6 +222,8 @@ def run_federation(
                 algorithm=spec.algorithm,
                 lr=spec.local.lr,
                 batchnorm=spec.local.batchnorm,
+                rules=rules if any(r is not None for r in rules) else (),
+                generators=[torch_generator(seed, "dp_sgd", rnd, p.client_id) for p in plans],
             )
             if plans
             else []
@@ -203,31 +231,44 @@ def run_federation(
         updates = []
         for plan, update_tensors in zip(plans, tensors, strict=True):
             update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, plan.num_examples)
-            for transform in client_transforms:
-                update = transform(
-                    update, rng=torch_generator(seed, "defense", rnd, plan.client_id)
-                )
+            used = torch.as_tensor(plan.used)
+            update = defenses.transform(
+                update,
+                rng_for=functools.partial(_defense_rng, seed, rnd, plan.client_id),
+                local=LocalData(scratch, state, x[used], y[used]),
+            )
             updates.append(update)
         if plans:
             client_seconds.append((time.perf_counter() - started) / len(plans))
-            up_bytes.extend(tensor_bytes(u.tensors) for u in updates)
-
-        if rnd in capture_rounds:
-            captures[rnd] = Capture(rnd, state, tuple(updates), {p.client_id: p for p in plans})
+            up_bytes.extend(u.size_bytes for u in updates)
 
         started = time.perf_counter()
-        if updates:
+        info = RoundInfo(rnd, tuple(int(c) for c in sampled), tuple(u.client_id for u in updates))
+        aggregate = defenses.aggregate(
+            updates, info, rng=torch_generator(seed, "server_defense", rnd)
+        )
+        if aggregate is None and updates:
             aggregate = weighted_mean(updates)
+        if rnd in capture_rounds:
+            plans_by_client = {p.client_id: p for p in plans}
+            captures[rnd] = Capture(rnd, state, tuple(updates), plans_by_client, aggregate)
+        if aggregate is not None:
             state = apply_aggregate(
                 state, aggregate, kind=kind, lr=spec.local.lr, param_names=param_names
             )
         else:
             logger.warning("round %d: no client update arrived; the model is unchanged", rnd)
+        defenses.end_round(updates, info)
         server_seconds.append(time.perf_counter() - started)
 
-        accuracy, loss = evaluate(model, state, dataset.x_test, dataset.y_test)
+        accuracy, loss = _evaluate_states(model, state, dataset, defenses)
         record = RoundRecord(
-            rnd, tuple(int(c) for c in sampled), tuple(int(c) for c in dropped), accuracy, loss
+            rnd,
+            tuple(int(c) for c in sampled),
+            tuple(int(c) for c in dropped),
+            accuracy,
+            loss,
+            declined=tuple(int(c) for c in declined),
         )
         records.append(record)
         logger.info("round %d: %d clients, test accuracy %.4f", rnd, len(updates), accuracy)
@@ -241,4 +282,21 @@ def run_federation(
         client_seconds=float(np.mean(client_seconds)) if client_seconds else 0.0,
         server_seconds=float(np.mean(server_seconds)) if server_seconds else 0.0,
     )
-    return FederationResult(state, tuple(records), captures, engine, cost, initial_accuracy)
+    return FederationResult(
+        state, tuple(records), captures, engine, cost, initial_accuracy, stopped=stopped
+    )
+
+
+def _defense_rng(seed: int, rnd: int, client: int, index: int) -> torch.Generator:
+    """The random stream of client `client`'s `index`-th defense in round `rnd`."""
+    return torch_generator(seed, "defense", rnd, client, index)
+
+
+def _evaluate_states(
+    model: nn.Module, state: TensorDict, dataset: Dataset, defenses: DefenseStack
+) -> tuple[float, float]:
+    """Test accuracy and loss of the global model, or the mean over personalised models."""
+    states = defenses.evaluation_states(state) or [state]
+    scores = [evaluate(model, s, dataset.x_test, dataset.y_test) for s in states]
+    model.load_state_dict(state)
+    return float(np.mean([a for a, _ in scores])), float(np.mean([loss for _, loss in scores]))

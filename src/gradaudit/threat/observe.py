@@ -90,7 +90,9 @@ def observe(
         if public_data is None:
             raise ValueError("the threat model grants public_data, but none was passed to observe")
         side["public_data"] = public_side_info(public_data, task)
-    aggregate = weighted_mean(capture.updates) if capture.updates else None
+    aggregate = capture.aggregate
+    if aggregate is None and capture.updates:
+        aggregate = weighted_mean(capture.updates)
     updates = capture.updates if visibility is Visibility.INDIVIDUAL else ()
     return Observation(
         round=capture.round,
