@@ -222,6 +222,68 @@ def _summarise(report: dict, target: Path) -> None:  # type: ignore[type-arg]
 
 
 @app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: a scenario plus a 'sweep' list.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder [default: sweep-<name>].")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Folder with the dataset files [$GRADAUDIT_DATA_DIR]."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field of the base scenario, for every variant."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,
+) -> None:
+    """Audit one scenario under several defenses and tabulate what each buys and costs."""
+    from gradaudit.audit.sweep import load_sweep, markdown_table, run_sweep
+
+    _configure_logging(verbose or debug)
+    sets = list(overrides or [])
+    if data_dir is not None:
+        sets.append(f"data.data_dir={data_dir}")
+    try:
+        name, variants = load_sweep(sweep_file, sets)
+    except ConfigError as exc:
+        _fail(str(exc), 2, exc, debug)
+    target = out_dir if out_dir is not None else Path(f"sweep-{slug(name)}")
+    console.print(f"[bold]gradaudit[/] sweep [cyan]{name}[/]: {len(variants)} variants → {target}")
+
+    def announce(index: int, total: int, label: str) -> None:
+        console.print(f"[bold]variant {index + 1}/{total}[/]: {label}", highlight=False)
+
+    try:
+        summary = run_sweep(
+            name,
+            variants,
+            target,
+            run=lambda scenario, folder: _run_with_progress(scenario, folder, True),
+            on_variant=announce,
+        )
+    except (ConfigError, DataError) as exc:
+        _fail(str(exc), 2, exc, debug)
+    except GradauditError as exc:
+        _fail(str(exc), 1, exc, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished variants and attacks are reused when you run it again", 130)
+    except Exception as exc:
+        hint = "" if debug else " (run with --debug for the traceback)"
+        _fail(f"the sweep failed: {type(exc).__name__}: {exc}{hint}", 1, exc, debug)
+    out.print(markdown_table(summary), highlight=False, markup=False, soft_wrap=True)
+    out.print(f"sweep: {target / 'sweep.html'}  (data: {target / 'sweep.json'})")
+
+
+def slug(name: str) -> str:
+    """A folder-safe form of a name (see `gradaudit.audit.sweep.slugify`)."""
+    from gradaudit.audit.sweep import slugify
+
+    return slugify(name)
+
+
+@app.command()
 def report(
     out_dir: Annotated[Path, typer.Argument(help="The folder an audit wrote.")],
     debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,

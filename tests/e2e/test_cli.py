@@ -180,10 +180,15 @@ def test_builtin_quickstart_is_valid() -> None:
     sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "scenarios").glob("*.yaml")),
 )
 def test_ready_scenarios_validate(name: str, shared_data_dir: Path) -> None:
-    from gradaudit.config import load_scenario
+    from gradaudit.audit.sweep import load_sweep
+    from gradaudit.config import load_scenario, read_yaml
 
     path = Path(__file__).resolve().parents[2] / "scenarios" / f"{name}.yaml"
-    load_scenario(path, [f"data.data_dir={shared_data_dir}"])
+    if "sweep" in read_yaml(path):  # a sweep file: every variant must validate
+        _, variants = load_sweep(path, [f"data.data_dir={shared_data_dir}"])
+        assert len(variants) > 1
+    else:
+        load_scenario(path, [f"data.data_dir={shared_data_dir}"])
 
 
 def test_natural_partition_on_a_dataset_without_sites_exit_2(tiny: Path, tmp_path: Path) -> None:

@@ -106,6 +106,48 @@ def psnr_curve_png(
     return _png(fig)
 
 
+def tradeoff_png(rows: Sequence[dict], attacks: Sequence[str]) -> bytes:  # type: ignore[type-arg]
+    """What each defense buys and costs: attack success against final test accuracy.
+
+    Left: PSNR of each image attack; right: label accuracy of each attack that recovers labels;
+    both against the final test accuracy, one point per variant, labelled.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    markers = "osD^v<>ph*"
+    for panel, key, ylabel in (
+        (left, "psnr", "PSNR of the reconstruction (dB)"),
+        (right, "label_accuracy", "label accuracy"),
+    ):
+        drawn = False
+        for j, attack in enumerate(attacks):
+            points = [
+                (row["final_test_accuracy"], row["attacks"][attack][key], row["label"])
+                for row in rows
+                if key in row["attacks"].get(attack, {})
+            ]
+            if not points:
+                continue
+            drawn = True
+            panel.scatter(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker=markers[j % len(markers)],
+                color=f"C{j % 10}",
+                label=attack,
+            )
+            for x, y, text in points:
+                panel.annotate(text, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        panel.set_xlabel("final test accuracy")
+        panel.set_ylabel(ylabel)
+        panel.grid(alpha=0.3)
+        if drawn:
+            panel.legend(fontsize=8)
+        else:
+            panel.text(0.5, 0.5, "no attack reports this", ha="center", transform=panel.transAxes)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _png(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
