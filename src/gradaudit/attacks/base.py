@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from gradaudit.models import classifier_keys
 from gradaudit.types import AttackResult, ClientUpdate, Observation
 
 ProgressFn = Callable[[int, int], None]
@@ -76,6 +77,9 @@ def checked_update(
 def gradient_estimate(update: ClientUpdate, obs: Observation) -> tuple[dict[str, Tensor], str]:
     """A gradient-like view of the update: the gradient itself, or the negated FedAvg delta.
 
+    Only the keys the client sent appear: tensors it withheld (a private head) never reached the
+    adversary, so every attack that reads the update through this function ignores them.
+
     A FedAvg delta after several local steps is only approximately a multiple of one gradient;
     cosine-based attacks are invariant to the scale, so ``-delta`` is used as is. When the
     adversary knows the local hyperparameters the delta is rescaled by ``1 / (lr * steps)`` so
@@ -84,15 +88,46 @@ def gradient_estimate(update: ClientUpdate, obs: Observation) -> tuple[dict[str,
     Returns:
         The tensors and a short description of how they were obtained.
     """
+    sent = {k: update.tensors[k] for k in update.sent_keys}
     if update.kind == "gradient":
-        return dict(update.tensors), "the client's gradient"
+        return sent, "the client's gradient"
     hyper = obs.side_info.get("local_hyperparameters")
     scale = 1.0
     how = "the negated FedAvg model change (one-step approximation)"
     if isinstance(hyper, dict) and hyper.get("lr") and hyper.get("num_steps"):
         scale = 1.0 / (float(hyper["lr"]) * float(hyper["num_steps"]))
         how += ", rescaled by 1/(lr*steps)"
-    return {k: -v * scale for k, v in update.tensors.items()}, how
+    return {k: -v * scale for k, v in sent.items()}, how
+
+
+HEAD_WITHHELD = "the classifier head is private (withheld by private_head)"
+"""Why an attack that reads the classifier head's gradient cannot run."""
+
+
+def withheld_head_reason(update: ClientUpdate, model: nn.Module) -> str | None:
+    """:data:`HEAD_WITHHELD` when the client withheld any of the classifier head's tensors."""
+    head = {key for key in classifier_keys(model) if key is not None}
+    return HEAD_WITHHELD if head & update.withheld else None
+
+
+def sent_positions(model: nn.Module, grads: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """Positions in ``model.named_parameters()`` of the parameters present in `grads`.
+
+    Gradient-matching attacks compare only these: a withheld tensor never reached the adversary
+    (`gradient_estimate` leaves it out), so it cannot enter the comparison.
+
+    Raises:
+        ValueError: `grads` holds none of the model's parameters.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> sent_positions(net, {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)})
+        (0, 1)
+    """
+    keep = tuple(i for i, (name, _) in enumerate(model.named_parameters()) if name in grads)
+    if not keep:
+        raise ValueError("the update carries none of the model's parameters")
+    return keep
 
 
 def client_trains_batchnorm(obs: Observation, assumed: str) -> bool:

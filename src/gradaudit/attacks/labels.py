@@ -18,6 +18,7 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     not_applicable,
     target_update,
+    withheld_head_reason,
 )
 from gradaudit.models import classifier_head, classifier_keys
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TaskInfo
@@ -150,9 +151,15 @@ def recover_labels(
 
     Returns:
         The labels, sorted, and the name of the method used.
+
+    Raises:
+        ValueError: no update of the target, or its classifier head was withheld.
     """
     update, reason = target_update(obs)
     if update is None:
+        raise ValueError(reason)
+    reason = withheld_head_reason(update, model)
+    if reason is not None:
         raise ValueError(reason)
     grads, _ = gradient_estimate(update, obs)
     attacker = attacker_model(model, obs)
@@ -176,6 +183,20 @@ def recover_labels(
         counts = llg_label_counts(weight_grad, probs, feature_sum, count)
     labels = np.repeat(np.arange(counts.size), counts)
     return torch.as_tensor(labels, dtype=torch.long), method
+
+
+def unknown_labels_reason(obs: Observation, update: ClientUpdate, model: nn.Module) -> str | None:
+    """Why an inversion attack has no labels to optimise with, or None when it has them.
+
+    Labels come from the threat model or from the classifier head's gradient; with neither (the
+    labels are not granted and the head was withheld) the attack cannot run.
+    """
+    if isinstance(obs.side_info.get("labels"), Tensor):
+        return None
+    reason = withheld_head_reason(update, model)
+    if reason is None:
+        return None
+    return f"the labels are not granted and cannot be recovered: {reason}"
 
 
 def labels_for_inversion(
@@ -249,9 +270,13 @@ class LabelRecoveryAttack:
             )
         return update, None
 
-    def applicable(self, obs: Observation) -> str | None:
-        """Needs the target's individual update and the architecture."""
-        return self._update(obs)[1]
+    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
+        """Needs the target's individual update, the architecture and (with `model` given, it
+        is checked) the classifier head's part of the update."""
+        update, reason = self._update(obs)
+        if update is None or model is None:
+            return reason
+        return withheld_head_reason(update, model)
 
     def run(
         self,
@@ -263,7 +288,9 @@ class LabelRecoveryAttack:
     ) -> AttackResult:
         """Recover the label multiset of the target's update."""
         update, reason = self._update(obs)
-        if update is None:
+        if update is not None:
+            reason = withheld_head_reason(update, model)
+        if update is None or reason is not None:
             return not_applicable(self.name, obs, str(reason))
         started = time.perf_counter()
         labels, method = recover_labels(

@@ -142,7 +142,8 @@ def reconstruction_confidence(
         images: (B, ...) reconstructed inputs in model space (normalised).
         labels: (B,) their labels.
         target: the target's gradient estimate keyed by parameter name
-            (`attacks.base.gradient_estimate`).
+            (`attacks.base.gradient_estimate`, which holds only the keys the client sent);
+            parameters missing from it (withheld, e.g. a private head) are not compared.
         train_mode: whether the client's BatchNorm used batch statistics
             (`attacks.base.client_trains_batchnorm`).
         fit_scale: the target's scale is unknown (a FedAvg change): fit it (see

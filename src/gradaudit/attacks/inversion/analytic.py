@@ -15,6 +15,7 @@ from gradaudit.attacks.base import (
     checked_update,
     gradient_estimate,
     not_applicable,
+    withheld_head_reason,
 )
 from gradaudit.attacks.inversion.image import head_input_from_gradient
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
@@ -34,6 +35,15 @@ def first_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
         if any(True for _ in module.parameters(recurse=False)):
             return None
     return None
+
+
+def _withheld_layer_reason(update: ClientUpdate, model: nn.Module, layer: str) -> str | None:
+    """Why the first layer's gradient is unavailable (the client withheld it), else None."""
+    if not {f"{layer}.weight", f"{layer}.bias"} & update.withheld:
+        return None
+    return withheld_head_reason(update, model) or (
+        f"the client withheld the gradient of the first layer ({layer})"
+    )
 
 
 class AnalyticAttack:
@@ -66,8 +76,13 @@ class AnalyticAttack:
                 f"exact recovery of the first layer's input needs one example; the update "
                 f"was computed on {update.num_examples}"
             )
-        if model is not None and first_linear(model) is None:
-            return None, "the model does not start with a fully connected layer with a bias"
+        if model is not None:
+            found = first_linear(model)
+            if found is None:
+                return None, "the model does not start with a fully connected layer with a bias"
+            reason = _withheld_layer_reason(update, model, found[0])
+            if reason is not None:
+                return None, reason
         return update, None
 
     def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:

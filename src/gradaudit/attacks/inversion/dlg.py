@@ -19,6 +19,7 @@ from gradaudit.attacks.base import (
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
+    sent_positions,
 )
 from gradaudit.attacks.inversion.search import BestSoFar
 from gradaudit.attacks.inversion.simulate import (
@@ -92,9 +93,12 @@ def _gradient_distance(
     loss: LossFn,
     *,
     create_graph: bool,
+    keep: tuple[int, ...],
 ) -> Tensor:
-    """Squared L2 distance between the candidates' simulated update and the observed one."""
-    dummy = simulated_update(model, x, loss, replay, create_graph=create_graph)
+    """Squared L2 distance between the candidates' simulated update and the observed one, over
+    the parameters at positions `keep` (those the client sent)."""
+    simulated = simulated_update(model, x, loss, replay, create_graph=create_graph)
+    dummy = [simulated[i] for i in keep]
     return torch.stack([(g - t).pow(2).sum() for g, t in zip(dummy, target, strict=True)]).sum()
 
 
@@ -105,12 +109,13 @@ def _lbfgs_closure(
     target: list[Tensor],
     x: Tensor,
     loss: LossFn,
+    keep: tuple[int, ...],
 ) -> Callable[[], Tensor]:
     """The L-BFGS closure: the distance, with the gradients of the variables filled in."""
 
     def closure() -> Tensor:
         optimiser.zero_grad(set_to_none=True)
-        distance = _gradient_distance(model, replay, target, x, loss, create_graph=True)
+        distance = _gradient_distance(model, replay, target, x, loss, create_graph=True, keep=keep)
         distance.backward()
         return distance
 
@@ -177,7 +182,9 @@ class DLGAttack:
             return not_applicable(self.name, obs, str(error))
         attacker = attacker_model(model, obs)
         attacker.train(client_trains_batchnorm(obs, p.client_mode))
-        target = [grads[n].detach() for n, _ in attacker.named_parameters()]
+        names = [n for n, _ in attacker.named_parameters()]
+        keep = sent_positions(attacker, grads)  # withheld tensors never reached the adversary
+        target = [grads[names[i]].detach() for i in keep]
         granted = obs.side_info.get("labels")
         fixed_labels = granted.clone() if isinstance(granted, Tensor) else None
         deadline = started + p.max_seconds if p.max_seconds else None
@@ -205,13 +212,15 @@ class DLGAttack:
                 tolerance_change=0.0,
             )
             loss = _candidate_loss(label_logits, fixed_labels)
-            closure = _lbfgs_closure(optimiser, attacker, replay, target, x, loss)
+            closure = _lbfgs_closure(optimiser, attacker, replay, target, x, loss, keep)
 
             restart_best: list[float] = []  # this start's best distance after each step
             for step in range(1, p.iterations + 1):
                 optimiser.step(closure)
                 distance = float(  # score where the step ended (no backward needed)
-                    _gradient_distance(attacker, replay, target, x, loss, create_graph=False)
+                    _gradient_distance(
+                        attacker, replay, target, x, loss, create_graph=False, keep=keep
+                    )
                 )
                 if not math.isfinite(distance):
                     logger.info("dlg restart %d diverged at step %d", restart, step)

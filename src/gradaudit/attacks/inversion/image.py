@@ -20,6 +20,7 @@ from gradaudit.attacks.base import (
     client_trains_batchnorm,
     gradient_estimate,
     not_applicable,
+    sent_positions,
 )
 from gradaudit.attacks.inversion.search import (
     BestSoFar,
@@ -39,7 +40,12 @@ from gradaudit.attacks.inversion.simulate import (
     recording_batchnorm,
     simulated_update,
 )
-from gradaudit.attacks.labels import LabelMethod, dummy_inputs, labels_for_inversion
+from gradaudit.attacks.labels import (
+    LabelMethod,
+    dummy_inputs,
+    labels_for_inversion,
+    unknown_labels_reason,
+)
 from gradaudit.models import classifier_head, classifier_keys
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
@@ -89,9 +95,11 @@ class GradientTarget:
         labels: the candidates' labels.
         replay: how the client's local computation is replayed (one gradient or unrolled).
         target: the observed update (gradient-like, see `gradient_estimate`), centred if
-            `center` is set, in ``model.named_parameters()`` order.
+            `center` is set, in ``model.named_parameters()`` order, sent parameters only.
         target_sq: its squared norm.
         center: the mean simulated update of dummy inputs with the same labels, or None.
+        keep: positions in ``model.named_parameters()`` of the parameters the client sent
+            (`sent_positions`), or None for all of them.
     """
 
     model: nn.Module
@@ -100,11 +108,14 @@ class GradientTarget:
     target: list[Tensor]
     target_sq: Tensor
     center: list[Tensor] | None
+    keep: tuple[int, ...] | None = None
 
     def distance(self, x: Tensor) -> Tensor:
         """The (centred) cosine distance between candidate `x`'s simulated update and the
-        target's (differentiable in `x`)."""
+        target's over the sent parameters (differentiable in `x`)."""
         grads = simulated_update(self.model, x, labelled_loss(self.labels), self.replay)
+        if self.keep is not None:
+            grads = [grads[i] for i in self.keep]
         if self.center is not None:
             grads = [g - c for g, c in zip(grads, self.center, strict=True)]
         return cosine_distance(grads, self.target, self.target_sq)
@@ -124,11 +135,14 @@ def gradient_target(
     """Set up the matching: the attacker's model copy, the target and its centring.
 
     Centring (``center_samples`` > 0) subtracts the mean simulated update of that many dummy
-    batches with the same labels from both sides (see `InvertingGradientsAttack`).
+    batches with the same labels from both sides (see `InvertingGradientsAttack`). Only the
+    parameters present in `grads` (those the client sent) are compared.
     """
     attacker = attacker_model(model, obs)
     attacker.train(train_mode)
-    target = [grads[n].detach() for n, _ in attacker.named_parameters()]
+    names = [n for n, _ in attacker.named_parameters()]
+    keep = sent_positions(attacker, grads)
+    target = [grads[names[i]].detach() for i in keep]
     center = None
     if center_samples > 0:
         center = mean_candidate_update(
@@ -138,6 +152,7 @@ def gradient_target(
             lambda: dummy_inputs(obs.task, int(labels.shape[0]), rng),
             samples=center_samples,
         )
+        center = [center[i] for i in keep]
         target = [t - c for t, c in zip(target, center, strict=True)]
     return GradientTarget(
         model=attacker,
@@ -146,6 +161,7 @@ def gradient_target(
         target=target,
         target_sq=torch.stack([t.pow(2).sum() for t in target]).sum(),
         center=center,
+        keep=keep if len(keep) < len(names) else None,
     )
 
 
@@ -301,6 +317,9 @@ class InvertingGradientsAttack:
         assert norm is not None
         count = update.num_examples
         train_mode = client_trains_batchnorm(obs, p.client_mode)
+        reason = unknown_labels_reason(obs, update, model)
+        if reason is not None:
+            return not_applicable(self.name, obs, reason)
         labels, label_source = labels_for_inversion(
             obs, model, count=count, method=p.label_method, rng=rng, train_mode=train_mode
         )
@@ -380,7 +399,9 @@ class InvertingGradientsAttack:
         _, head = classifier_head(match.model)
         weight_key, bias_key = classifier_keys(match.model)
         feature_target = None
-        if count == 1 and p.feature_weight > 0 and bias_key is not None and not replay.unrolled:
+        head_sent = weight_key in grads and bias_key is not None and bias_key in grads
+        if count == 1 and p.feature_weight > 0 and head_sent and not replay.unrolled:
+            assert bias_key is not None
             feature_target = head_input_from_gradient(grads[weight_key], grads[bias_key])
         layers = batchnorm_layers(match.model)
         bn_target = bn_statistics_target(update, layers) if train_mode and p.bn_weight > 0 else None

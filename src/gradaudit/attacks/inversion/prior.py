@@ -35,7 +35,7 @@ from gradaudit.attacks.inversion.search import (
     set_learning_rates,
 )
 from gradaudit.attacks.inversion.simulate import LocalReplay, UnrollMode, local_replay
-from gradaudit.attacks.labels import LabelMethod, labels_for_inversion
+from gradaudit.attacks.labels import LabelMethod, labels_for_inversion, unknown_labels_reason
 from gradaudit.seeding import torch_generator
 from gradaudit.types import AttackResult, ClientUpdate, Normalization, Observation, Reconstruction
 
@@ -239,7 +239,9 @@ class PriorInversionAttack:
     ) -> AttackResult:
         """Invert the target's update into images through the prior."""
         update, reason = self._update(obs)
-        if update is None:
+        if update is not None:
+            reason = unknown_labels_reason(obs, update, model)
+        if update is None or reason is not None:
             return not_applicable(self.name, obs, str(reason))
         p = self.params
         prior = self.prior(obs)

@@ -174,12 +174,13 @@ def bn_statistics_target(
     ``momentum * (batch mean - running mean)`` per local step, so the buffers it sends reveal
     the mean and variance of every BatchNorm layer's input on its private batch: the statistics
     DeepInversion (Yin et al. 2020) matches. None when the update carries no such change (the
-    client froze BatchNorm, or the model has none).
+    client froze BatchNorm, withheld the layer, or the model has none).
     """
     found: dict[str, tuple[Tensor, Tensor]] = {}
+    sent = {key: update.tensors[key] for key in update.sent_keys}
     for name, _ in layers:
-        mean = update.tensors.get(f"{name}.running_mean")
-        var = update.tensors.get(f"{name}.running_var")
+        mean = sent.get(f"{name}.running_mean")
+        var = sent.get(f"{name}.running_var")
         if mean is None or var is None:
             return None
         found[name] = (mean.detach(), var.detach())
