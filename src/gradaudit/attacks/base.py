@@ -41,6 +41,11 @@ class Attack(Protocol):
 def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
     """The target client's individual update, or the reason the adversary does not have it."""
     update = obs.update_of(obs.target_client)
+    if update is not None and update.num_examples == 0:
+        return None, (
+            f"client {obs.target_client}'s update in round {obs.round} was computed from no "
+            "examples (an empty Poisson-sampled batch): it holds nothing but noise"
+        )
     if update is not None:
         return update, None
     if obs.aggregate is not None and not obs.updates:

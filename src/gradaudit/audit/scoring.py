@@ -53,7 +53,7 @@ def score_reconstruction(
         metrics["psnr"] = finite(float(per_psnr.clamp(max=100.0).mean()))
         metrics["psnr_min"] = finite(float(per_psnr.min()))
         metrics["ssim"] = float(ssim(matched, true_images).mean())
-    if rec.labels is not None:
+    if rec.labels is not None and true_labels.numel() > 0:
         metrics["label_accuracy"] = label_accuracy(rec.labels, true_labels)
         metrics["labels_exact"] = float(
             torch.equal(torch.sort(rec.labels.long()).values, torch.sort(true_labels.long()).values)

@@ -262,3 +262,16 @@ def test_adaptive_clipping_at_sample_level_is_refused() -> None:
         CLIENT_DEFENSES.parse_params(
             "dp_gaussian", {"level": "sample", "clipping": "adaptive"}, where="x"
         )
+
+
+def test_an_update_from_an_empty_poisson_batch_is_not_attacked(digits) -> None:
+    # Prepare: DP-SGD's Poisson batch of the target was empty; its update is pure noise
+    from gradaudit.attacks.base import target_update
+    from gradaudit.types import ClientUpdate, Observation
+
+    update = ClientUpdate(0, 1, "gradient", {"w": torch.randn(3)}, num_examples=0)
+    obs = Observation(1, 0, {"w": torch.zeros(3)}, (update,), None, {}, digits.info)
+    # Execute
+    found, reason = target_update(obs)
+    # Check
+    assert found is None and "no examples" in reason
