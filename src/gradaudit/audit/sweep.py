@@ -132,7 +132,7 @@ def summarise_variant(label: str, report: Mapping[str, Any]) -> dict[str, Any]:
 
     Example:
         >>> report = {"utility": {"final_test_accuracy": 0.9}, "privacy": None,
-        ...           "cost": {"bytes_up_per_client": 100}, "defenses": [],
+        ...           "cost": {"bytes_up_per_client": 100, "seconds": 2.0}, "defenses": [],
         ...           "attacks": [{"attack": "dlg", "status": "ok",
         ...                        "metrics": {"psnr": 30.0, "label_accuracy": 1.0}}]}
         >>> row = summarise_variant("none", report)
@@ -160,6 +160,7 @@ def summarise_variant(label: str, report: Mapping[str, Any]) -> dict[str, Any]:
         "privacy_level": privacy["level"] if privacy else None,
         "final_test_accuracy": report["utility"]["final_test_accuracy"],
         "bytes_up_per_client": report["cost"]["bytes_up_per_client"],
+        "seconds": report["cost"].get("seconds"),
         "stopped": report.get("federation", {}).get("stopped"),
         "attacks": attacks,
     }
@@ -264,9 +265,21 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     """The sweep table as Markdown (for docs/BENCHMARKS.md)."""
     rows = summary["rows"]
     columns = attack_columns(rows)
+    shown = {
+        name: [
+            (key, fmt, label)
+            for key, fmt, label in (
+                ("psnr", "{:.1f}", "PSNR"),
+                ("ssim", "{:.2f}", "SSIM"),
+                ("label_accuracy", "{:.2f}", "label acc."),
+            )
+            if any(key in row["attacks"].get(name, {}) for row in rows)
+        ]
+        for name in columns
+    }
     head = ["variant", "guarantee", "ε (δ)", "test acc.", "bytes up"]
     for name in columns:
-        head += [f"{name} PSNR", f"{name} SSIM", f"{name} label acc."]
+        head += [f"{name} {label}" for _, _, label in shown[name]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         eps = "—" if row["epsilon"] is None else f"{row['epsilon']:.3g} ({row['delta']:g})"
@@ -279,7 +292,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         ]
         for name in columns:
             cell = row["attacks"].get(name, {})
-            for key, fmt in (("psnr", "{:.1f}"), ("ssim", "{:.2f}"), ("label_accuracy", "{:.2f}")):
+            for key, fmt, _ in shown[name]:
                 value = cell.get(key)
                 missing = "—" if cell.get("status", "ok") == "ok" else cell["status"]
                 cells.append(fmt.format(value) if value is not None else missing)
