@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -66,6 +68,38 @@ def _quickstart_path() -> Path:
     return Path(str(resources.files("gradaudit.scenarios").joinpath(QUICKSTART)))
 
 
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Folder with the dataset files [$GRADAUDIT_DATA_DIR]."),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+DebugOption = Annotated[bool, typer.Option(help="Show tracebacks of failures.")]
+
+
+def _with_data_dir(overrides: list[str] | None, data_dir: Path | None) -> list[str]:
+    """The ``--set`` overrides, plus ``--data-dir`` as ``data.data_dir``."""
+    sets = list(overrides or [])
+    if data_dir is not None:
+        sets.append(f"data.data_dir={data_dir}")
+    return sets
+
+
+@contextmanager
+def _reported_failures(debug: bool, *, what: str, interrupted: str) -> Iterator[None]:
+    """Turn what a run raises into one message and an exit code (2 input, 1 run, 130 ^C)."""
+    try:
+        yield
+    except (ConfigError, DataError) as exc:
+        _fail(str(exc), 2, exc, debug)
+    except GradauditError as exc:
+        _fail(str(exc), 1, exc, debug)
+    except KeyboardInterrupt:
+        _fail(interrupted, 130)
+    except Exception as exc:  # a bug or an environment problem: say what, trace only on --debug
+        hint = "" if debug else " (run with --debug for the traceback)"
+        _fail(f"the {what} failed: {type(exc).__name__}: {exc}{hint}", 1, exc, debug)
+
+
 @app.command()
 def audit(
     scenario: Annotated[
@@ -74,10 +108,7 @@ def audit(
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder [default: audit-<name>].")
     ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="Folder with the dataset files [$GRADAUDIT_DATA_DIR]."),
-    ] = None,
+    data_dir: DataDirOption = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a scenario field: --set federation.rounds=3."),
@@ -85,17 +116,15 @@ def audit(
     resume: Annotated[
         bool, typer.Option(help="Reuse finished attacks of an interrupted run of this scenario.")
     ] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Simulate the federation, attack it as the scenario says, and write the report."""
     from gradaudit.config import load_scenario
 
     _configure_logging(verbose or debug)
     path = scenario if scenario is not None else _quickstart_path()
-    sets = list(overrides or [])
-    if data_dir is not None:
-        sets.append(f"data.data_dir={data_dir}")
+    sets = _with_data_dir(overrides, data_dir)
     try:
         resolved = load_scenario(path, sets)
     except ConfigError as exc:
@@ -103,17 +132,12 @@ def audit(
     target = out_dir if out_dir is not None else Path(f"audit-{resolved.name}")
     label = "built-in quickstart" if scenario is None else str(path)
     console.print(f"[bold]gradaudit[/] auditing [cyan]{resolved.name}[/] ({label}) → {target}")
-    try:
+    with _reported_failures(
+        debug,
+        what="run",
+        interrupted="interrupted; finished attacks are kept and reused when you run it again",
+    ):
         report = _run_with_progress(resolved, target, resume)
-    except (ConfigError, DataError) as exc:
-        _fail(str(exc), 2, exc, debug)
-    except GradauditError as exc:
-        _fail(str(exc), 1, exc, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted; finished attacks are kept and reused when you run it again", 130)
-    except Exception as exc:  # a bug or an environment problem: say what, trace only on --debug
-        hint = "" if debug else " (run with --debug for the traceback)"
-        _fail(f"the run failed: {type(exc).__name__}: {exc}{hint}", 1, exc, debug)
     _summarise(report, target)
 
 
@@ -227,35 +251,34 @@ def sweep(
     out_dir: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder [default: sweep-<name>].")
     ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="Folder with the dataset files [$GRADAUDIT_DATA_DIR]."),
-    ] = None,
+    data_dir: DataDirOption = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a field of the base scenario, for every variant."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Audit one scenario under several defenses and tabulate what each buys and costs."""
-    from gradaudit.audit.sweep import load_sweep, markdown_table, run_sweep
+    from gradaudit.audit.sweep import load_sweep, markdown_table, run_sweep, slugify
 
     _configure_logging(verbose or debug)
-    sets = list(overrides or [])
-    if data_dir is not None:
-        sets.append(f"data.data_dir={data_dir}")
+    sets = _with_data_dir(overrides, data_dir)
     try:
         name, variants = load_sweep(sweep_file, sets)
     except ConfigError as exc:
         _fail(str(exc), 2, exc, debug)
-    target = out_dir if out_dir is not None else Path(f"sweep-{slug(name)}")
+    target = out_dir if out_dir is not None else Path(f"sweep-{slugify(name)}")
     console.print(f"[bold]gradaudit[/] sweep [cyan]{name}[/]: {len(variants)} variants → {target}")
 
     def announce(index: int, total: int, label: str) -> None:
         console.print(f"[bold]variant {index + 1}/{total}[/]: {label}", highlight=False)
 
-    try:
+    with _reported_failures(
+        debug,
+        what="sweep",
+        interrupted="interrupted; finished variants and attacks are reused when you run it again",
+    ):
         summary = run_sweep(
             name,
             variants,
@@ -263,30 +286,14 @@ def sweep(
             run=lambda scenario, folder: _run_with_progress(scenario, folder, True),
             on_variant=announce,
         )
-    except (ConfigError, DataError) as exc:
-        _fail(str(exc), 2, exc, debug)
-    except GradauditError as exc:
-        _fail(str(exc), 1, exc, debug)
-    except KeyboardInterrupt:
-        _fail("interrupted; finished variants and attacks are reused when you run it again", 130)
-    except Exception as exc:
-        hint = "" if debug else " (run with --debug for the traceback)"
-        _fail(f"the sweep failed: {type(exc).__name__}: {exc}{hint}", 1, exc, debug)
     out.print(markdown_table(summary), highlight=False, markup=False, soft_wrap=True)
     out.print(f"sweep: {target / 'sweep.html'}  (data: {target / 'sweep.json'})")
-
-
-def slug(name: str) -> str:
-    """A folder-safe form of a name (see `gradaudit.audit.sweep.slugify`)."""
-    from gradaudit.audit.sweep import slugify
-
-    return slugify(name)
 
 
 @app.command()
 def report(
     out_dir: Annotated[Path, typer.Argument(help="The folder an audit wrote.")],
-    debug: Annotated[bool, typer.Option(help="Show tracebacks of failures.")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Re-render OUT/report.html from OUT/report.json."""
     from gradaudit.audit.render import render_html

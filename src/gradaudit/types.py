@@ -17,6 +17,16 @@ TensorDict = dict[str, Tensor]
 AttackStatus = Literal["ok", "not_applicable", "failed"]
 
 
+def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
+    """Bytes of the tensors as sent uncompressed.
+
+    Example:
+        >>> tensor_bytes({"w": torch.zeros(3), "n": torch.zeros((), dtype=torch.int64)})
+        20
+    """
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @dataclass(frozen=True)
 class ClientUpdate:
     """What one client sends to the server in one round.
@@ -53,7 +63,7 @@ class ClientUpdate:
         """Bytes on the wire: `wire_bytes`, else the sent tensors uncompressed."""
         if self.wire_bytes is not None:
             return self.wire_bytes
-        return sum(self.tensors[k].numel() * self.tensors[k].element_size() for k in self.sent_keys)
+        return tensor_bytes({k: self.tensors[k] for k in self.sent_keys})
 
 
 class Visibility(enum.Enum):

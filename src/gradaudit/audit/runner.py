@@ -167,7 +167,9 @@ def run_audit(
         on_round=hooks.round_done,
     )
     capture = fed.captures.get(target.round)
+    never_ran = None
     if capture is None:  # a privacy budget stopped training before the target round
+        never_ran = f"training stopped before round {target.round}: {fed.stopped}"
         capture = Capture(target.round, fed.final_state, (), {})
     obs = observe(
         scenario.threat,
@@ -200,10 +202,8 @@ def run_audit(
         attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
         hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
         result = (
-            not_applicable(
-                spec.kind, obs, f"training stopped before round {target.round}: {fed.stopped}"
-            )
-            if fed.stopped is not None and target.round > len(fed.rounds)
+            not_applicable(spec.kind, obs, never_ran)
+            if never_ran is not None
             else _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
         )
         validation = validate(result, attack, obs, model)
@@ -218,6 +218,7 @@ def run_audit(
         attack_entries.append(entry)
 
     accuracy = [r.test_accuracy for r in fed.rounds]
+    described = [d.describe() for d in defenses.defenses]
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "name": scenario.name,
@@ -252,8 +253,8 @@ def run_audit(
             "test_accuracy": accuracy,
             "final_test_accuracy": accuracy[-1],
         },
-        "defenses": [d.describe() for d in defenses.defenses],
-        "privacy": privacy_block(defenses, fed.stopped),
+        "defenses": described,
+        "privacy": privacy_block(defenses, described, fed.stopped),
         "cost": {
             "seconds": 0.0,
             "bytes_up_per_client": fed.cost.bytes_up_per_client,
@@ -289,24 +290,26 @@ def run_audit(
     return report
 
 
-def privacy_block(defenses: DefenseStack, stopped: str | None) -> dict[str, Any] | None:
+def privacy_block(
+    defenses: DefenseStack, described: list[dict[str, Any]], stopped: str | None
+) -> dict[str, Any] | None:
     """The report's ``privacy`` block: the DP defense's epsilon with its context, else None.
 
-    Only a defense with a formal guarantee and an accountant contributes; heuristic defenses
-    appear under ``defenses`` with the guarantee ``none (heuristic)``, never here.
+    `described` holds each defense's `describe()` entry, in order. Only a defense with a
+    formal guarantee and an accountant contributes; heuristic defenses appear under
+    ``defenses`` with the guarantee ``none (heuristic)``, never here.
     """
-    for defense in defenses.defenses:
+    for defense, entry in zip(defenses.defenses, described, strict=True):
         report = defense.privacy()
         if report is None:
             continue
-        described = defense.describe()
         return {
             **report.as_dict(),
             "mechanism": defense.name,
-            "guarantee": described["guarantee"],
-            "protects_against": described["notes"][0] if described["notes"] else None,
+            "guarantee": entry["guarantee"],
+            "protects_against": entry.get("protects_against"),
             "stopped_early": stopped,
-            "warnings": described["warnings"],
+            "warnings": entry["warnings"],
         }
     return None
 

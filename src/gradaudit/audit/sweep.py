@@ -21,7 +21,6 @@ Example of a sweep file::
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -186,7 +185,7 @@ def run_sweep(
     """
     from gradaudit.audit.runner import run_audit
 
-    audit = run or (lambda scenario, folder: run_audit(scenario, folder))
+    audit = run or run_audit
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"schema": SWEEP_SCHEMA, "name": name, "rows": rows}
@@ -217,10 +216,7 @@ def _finished_report(folder: Path, scenario: Scenario) -> dict[str, Any] | None:
         report = read_json(path, what="variant report")
     except GradauditError:
         return None
-    same = json.dumps(report.get("scenario"), sort_keys=True) == json.dumps(
-        scenario.to_dict(), sort_keys=True
-    )
-    return report if same else None
+    return report if report.get("scenario") == scenario.to_dict() else None
 
 
 def attack_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -237,24 +233,23 @@ def write_sweep_html(summary: Mapping[str, Any], out_dir: Path) -> Path:
     """Render ``sweep.html`` (the table and the trade-off plot, inline) beside sweep.json."""
     import base64
 
-    import jinja2
-
     from gradaudit.audit import artifacts
     from gradaudit.audit.io import atomic_write_bytes
+    from gradaudit.audit.render import environment
 
     rows = summary["rows"]
     columns = attack_columns(rows)
     png = artifacts.tradeoff_png(rows, columns)
     artifacts.save_png(out_dir / "sweep.png", png)
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("gradaudit.audit.render", "templates"),
-        autoescape=jinja2.select_autoescape(["html", "j2"]),
-    )
-    html = env.get_template("sweep.html.j2").render(
-        summary=summary,
-        columns=columns,
-        metrics=SUMMARY_METRICS,
-        plot="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+    html = (
+        environment()
+        .get_template("sweep.html.j2")
+        .render(
+            summary=summary,
+            columns=columns,
+            metrics=SUMMARY_METRICS,
+            plot="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+        )
     )
     path = out_dir / "sweep.html"
     atomic_write_bytes(path, html.encode("utf-8"))

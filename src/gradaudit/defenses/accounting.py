@@ -143,6 +143,14 @@ def epsilon(
     return float(acc.get_epsilon(delta))
 
 
+def _append(history: list[GaussianRound], mechanism: GaussianRound) -> None:
+    """Add `mechanism` to `history`, merged into the last entry when it repeats it."""
+    if history and replace(history[-1], count=0) == replace(mechanism, count=0):
+        history[-1] = replace(history[-1], count=history[-1].count + mechanism.count)
+    else:
+        history.append(mechanism)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_epsilon(
     rounds: tuple[GaussianRound, ...],
@@ -177,24 +185,13 @@ class PrivacyLedger:
 
     def record(self, client: int, mechanism: GaussianRound) -> None:
         """Add one mechanism `client` was subject to (a repeat of the last one is counted)."""
-        history = self._rounds.setdefault(client, [])
-        if history and replace(history[-1], count=0) == replace(mechanism, count=0):
-            history[-1] = replace(history[-1], count=history[-1].count + mechanism.count)
-        else:
-            history.append(mechanism)
-
-    def rounds_of(self, client: int) -> tuple[GaussianRound, ...]:
-        """The mechanisms recorded for `client`, repeats merged."""
-        return tuple(self._rounds.get(client, ()))
+        _append(self._rounds.setdefault(client, []), mechanism)
 
     def epsilon_of(self, client: int, extra: Sequence[GaussianRound] = ()) -> float:
         """`client`'s epsilon so far, plus `extra` mechanisms (to test a round before it runs)."""
         history = list(self._rounds.get(client, []))
         for mechanism in extra:
-            if history and replace(history[-1], count=0) == replace(mechanism, count=0):
-                history[-1] = replace(history[-1], count=history[-1].count + mechanism.count)
-            else:
-                history.append(mechanism)
+            _append(history, mechanism)
         return _cached_epsilon(tuple(history), self.delta, self.accountant, self.neighbours)
 
     def would_exceed(self, max_epsilon: float, planned: dict[int, GaussianRound]) -> bool:

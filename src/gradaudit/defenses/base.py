@@ -26,9 +26,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 
-from gradaudit.types import ClientUpdate, TaskInfo, TensorDict
+from gradaudit.types import ClientUpdate, TaskInfo, TensorDict, tensor_bytes
 
 if TYPE_CHECKING:
     from gradaudit.config import FederationSpec
@@ -59,9 +60,9 @@ class DefenseContext:
     seed: int = 0
 
     @property
-    def param_names(self) -> tuple[str, ...]:
-        """The trainable parameters' keys, in model order."""
-        return tuple(name for name, _ in self.model.named_parameters())
+    def param_names(self) -> frozenset[str]:
+        """The trainable parameters' keys."""
+        return frozenset(name for name, _ in self.model.named_parameters())
 
     @property
     def expected_clients(self) -> float:
@@ -78,17 +79,33 @@ class DefenseContext:
 class LocalData:
     """The client's own view while it defends its update: never sent, never seen by attacks.
 
+    The examples are gathered only when a defense reads them (most never do), so the round loop
+    pays nothing for this view when no defense looks at the data.
+
     Attributes:
         model: the architecture (a scratch copy the defense may load states into).
         global_state: the model the server sent this round.
-        x: the examples the client trained on this round (model space).
-        y: their labels.
+        x_all: the whole training set (model space); ``x`` is the client's part of it.
+        y_all: its labels.
+        used: indices into ``x_all`` of the examples the client trained on this round (None:
+            all of them).
     """
 
     model: nn.Module
     global_state: TensorDict
-    x: Tensor
-    y: Tensor
+    x_all: Tensor
+    y_all: Tensor
+    used: Tensor | None = None
+
+    @property
+    def x(self) -> Tensor:
+        """The examples the client trained on this round (model space)."""
+        return self.x_all if self.used is None else self.x_all[self.used]
+
+    @property
+    def y(self) -> Tensor:
+        """Their labels."""
+        return self.y_all if self.used is None else self.y_all[self.used]
 
 
 @dataclass(frozen=True)
@@ -129,13 +146,11 @@ class RoundInfo:
 
     Attributes:
         round: the round (from 1).
-        sampled: the clients asked to train.
-        arrived: the clients whose update arrived.
+        sampled: the clients asked to train (those whose update arrived are the updates').
     """
 
     round: int
     sampled: tuple[int, ...]
-    arrived: tuple[int, ...]
 
 
 class ClientDefense:
@@ -191,7 +206,23 @@ class ClientDefense:
 
     def describe(self) -> dict[str, Any]:
         """The report's entry: name, guarantee, parameters and anything the user must know."""
-        return {"kind": self.name, "guarantee": self.guarantee, "notes": [], "warnings": []}
+        return self.entry([], [])
+
+    def entry(self, notes: list[str], warnings: list[str], **extra: Any) -> dict[str, Any]:
+        """The report entry every `describe` returns: kind, guarantee, params, notes, warnings.
+
+        ``params`` is the defense's validated ``params`` (when it has one) unless `extra`
+        gives it; further `extra` keys are added as they are.
+        """
+        params = getattr(self, "params", None)
+        return {
+            "kind": self.name,
+            "guarantee": self.guarantee,
+            "params": params.model_dump(mode="json") if isinstance(params, BaseModel) else {},
+            "notes": notes,
+            "warnings": warnings,
+            **extra,
+        }
 
 
 @dataclass(frozen=True)
@@ -293,6 +324,27 @@ def with_tensors(
     if wire_bytes is not None:
         changes["wire_bytes"] = wire_bytes
     return replace(update, **changes)
+
+
+def encode_each(
+    update: ClientUpdate,
+    keys: Sequence[str],
+    encode: Callable[[str, Tensor], tuple[Tensor, int]],
+) -> ClientUpdate:
+    """`update` with ``encode(key, tensor)`` applied to each tensor of `keys`; ``wire_bytes``
+    counts what ``encode`` says each encoded tensor costs, plus every other sent tensor
+    uncompressed.
+
+    Returns `update` itself when `keys` is empty (nothing to encode).
+    """
+    if not keys:
+        return update
+    tensors = dict(update.tensors)
+    wire = tensor_bytes({k: v for k, v in update.tensors.items() if k in update.sent_keys})
+    for key in keys:
+        tensors[key], size = encode(key, update.tensors[key])
+        wire += size - tensor_bytes({key: update.tensors[key]})
+    return with_tensors(update, tensors, wire_bytes=wire)
 
 
 def float_keys(update: ClientUpdate) -> list[str]:

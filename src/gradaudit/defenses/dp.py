@@ -43,8 +43,13 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, T
     return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
 
-def clip_factors(grads: dict[str, Tensor], clip_norm: float) -> tuple[Tensor, Tensor]:
+def clip_factors(
+    grads: dict[str, Tensor], clip_norm: float | Tensor, *, batch_dims: int = 1
+) -> tuple[Tensor, Tensor]:
     """Per-example scale ``min(1, clip_norm / ||g_i||)`` and the norms ``||g_i||``.
+
+    The first `batch_dims` dimensions index examples (2: clients x examples, with
+    `clip_norm` a tensor broadcasting against them for a bound per client).
 
     Example:
         >>> g = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
@@ -52,11 +57,21 @@ def clip_factors(grads: dict[str, Tensor], clip_norm: float) -> tuple[Tensor, Te
         >>> [round(v, 3) for v in factors.tolist()], norms.tolist()
         ([0.2, 1.0], [5.0, 0.5])
     """
-    if not clip_norm > 0:
+    if not bool(torch.all(torch.as_tensor(clip_norm) > 0)):
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-    norms = flat.norm(dim=1)
+    squares = [g.pow(2).flatten(batch_dims).sum(dim=batch_dims) for g in grads.values()]
+    norms = torch.stack(squares).sum(dim=0).sqrt()
     return (clip_norm / (norms + 1e-12)).clamp(max=1.0), norms
+
+
+def noised_mean(
+    summed: dict[str, Tensor], *, std: float, expected_batch_size: float, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """``(summed + N(0, std^2)) / expected_batch_size`` per tensor, noise drawn in key order."""
+    return {
+        n: (v + std * torch.randn(v.shape, generator=generator)) / expected_batch_size
+        for n, v in summed.items()
+    }
 
 
 def dp_sgd_gradient(
@@ -82,12 +97,12 @@ def dp_sgd_gradient(
         grads = per_example_gradients(model, x, y)
         factors, _ = clip_factors(grads, clip_norm)
         summed = {n: torch.einsum("b,b...->...", factors, grads[n]) for n in names}
-    std = noise_multiplier * clip_norm
-    return {
-        n: (summed[n] + std * torch.randn(summed[n].shape, generator=generator))
-        / expected_batch_size
-        for n in names
-    }
+    return noised_mean(
+        summed,
+        std=noise_multiplier * clip_norm,
+        expected_batch_size=expected_batch_size,
+        generator=generator,
+    )
 
 
 def clip_update(

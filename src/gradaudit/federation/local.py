@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradaudit.defenses.dp import dp_sgd_gradient
+from gradaudit.defenses.dp import clip_factors, dp_sgd_gradient, noised_mean
 from gradaudit.types import TensorDict
 
 if TYPE_CHECKING:
@@ -264,18 +264,21 @@ def _dp_sgd_step(
 
     per_example = vmap(vmap(grad(example_loss), in_dims=(None, 0, 0)), in_dims=(0, 0, 0))
     g = per_example(stacked, xb, yb)
-    norms = torch.sqrt(sum(v.pow(2).flatten(2).sum(dim=2) for v in g.values()))
-    clip = torch.tensor([d.clip_norm for d in dps], dtype=norms.dtype).unsqueeze(1)
-    factors = (clip / (norms + 1e-12)).clamp(max=1.0) * weight
-    out = {k: torch.einsum("cb,cb...->c...", factors, v) for k, v in g.items()}
+    clip = torch.tensor([d.clip_norm for d in dps]).unsqueeze(1)
+    factors, _ = clip_factors(g, clip, batch_dims=2)
+    summed = {k: torch.einsum("cb,cb...->c...", factors * weight, v) for k, v in g.items()}
     for c, dp in enumerate(dps):
         if not active[c]:
             continue
-        std = dp.noise_multiplier * dp.clip_norm
-        for k in out:
-            noise = std * torch.randn(out[k].shape[1:], generator=generators[c])
-            out[k][c] = (out[k][c] + noise) / dp.expected_batch_size
-    return out
+        noised = noised_mean(
+            {k: v[c] for k, v in summed.items()},
+            std=dp.noise_multiplier * dp.clip_norm,
+            expected_batch_size=dp.expected_batch_size,
+            generator=generators[c],
+        )
+        for k, v in noised.items():
+            summed[k][c] = v
+    return summed
 
 
 def train_clients_vectorised(

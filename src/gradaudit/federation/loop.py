@@ -27,7 +27,7 @@ from gradaudit.federation.local import (
 )
 from gradaudit.federation.sampling import drop_clients, sample_clients
 from gradaudit.seeding import numpy_rng, torch_generator
-from gradaudit.types import ClientUpdate, TensorDict
+from gradaudit.types import ClientUpdate, TensorDict, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ class FederationResult:
     cost: CostRecord
     initial_test_accuracy: float
     stopped: str | None = None
-
-
-def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of the tensors as sent uncompressed."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @torch.no_grad()
@@ -212,6 +207,7 @@ def run_federation(
             for c, rule in zip(survivors, rules, strict=True)
         ]
         started = time.perf_counter()
+        dp_sgd = any(r is not None and r.dp_sgd is not None for r in rules)
         tensors = (
             train(
                 model,
@@ -223,7 +219,9 @@ def run_federation(
                 lr=spec.local.lr,
                 batchnorm=spec.local.batchnorm,
                 rules=rules if any(r is not None for r in rules) else (),
-                generators=[torch_generator(seed, "dp_sgd", rnd, p.client_id) for p in plans],
+                generators=[torch_generator(seed, "dp_sgd", rnd, p.client_id) for p in plans]
+                if dp_sgd
+                else (),
             )
             if plans
             else []
@@ -231,11 +229,10 @@ def run_federation(
         updates = []
         for plan, update_tensors in zip(plans, tensors, strict=True):
             update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, plan.num_examples)
-            used = torch.as_tensor(plan.used)
             update = defenses.transform(
                 update,
                 rng_for=functools.partial(_defense_rng, seed, rnd, plan.client_id),
-                local=LocalData(scratch, state, x[used], y[used]),
+                local=LocalData(scratch, state, x, y, torch.as_tensor(plan.used)),
             )
             updates.append(update)
         if plans:
@@ -243,7 +240,7 @@ def run_federation(
             up_bytes.extend(u.size_bytes for u in updates)
 
         started = time.perf_counter()
-        info = RoundInfo(rnd, tuple(int(c) for c in sampled), tuple(u.client_id for u in updates))
+        info = RoundInfo(rnd, tuple(int(c) for c in sampled))
         aggregate = defenses.aggregate(
             updates, info, rng=torch_generator(seed, "server_defense", rnd)
         )

@@ -114,14 +114,19 @@ def load_report(out_dir: Path) -> dict[str, Any]:
     return report
 
 
-def render_html(out_dir: Path) -> Path:
-    """(Re-)render ``out_dir/report.html`` from ``out_dir/report.json``; returns its path."""
-    report = load_report(out_dir)
-    env = jinja2.Environment(
+def environment() -> jinja2.Environment:
+    """The Jinja environment of gradaudit's HTML pages (autoescaped; undefined names fail)."""
+    return jinja2.Environment(
         loader=jinja2.PackageLoader("gradaudit.audit.render", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
+
+
+def render_html(out_dir: Path) -> Path:
+    """(Re-)render ``out_dir/report.html`` from ``out_dir/report.json``; returns its path."""
+    report = load_report(out_dir)
+    env = environment()
     attacks = []
     for item in report["attacks"]:
         images = [src for src in (_inline(out_dir, a) for a in item.get("artifacts", [])) if src]

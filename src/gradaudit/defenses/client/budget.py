@@ -28,7 +28,6 @@ from gradaudit.defenses.base import (
     float_keys,
     with_tensors,
 )
-from gradaudit.defenses.client.compression import report_entry
 from gradaudit.defenses.dp import clip_update
 from gradaudit.types import ClientUpdate
 
@@ -130,7 +129,7 @@ class UpdateBudget(ClientDefense):
                     f"max_rounds {p.max_rounds} is not below the run's {self.planned_rounds} "
                     "rounds: the cap never binds"
                 )
-        return report_entry(self, notes, warnings)
+        return self.entry(notes, warnings)
 
 
 @CLIENT_DEFENSES.register(

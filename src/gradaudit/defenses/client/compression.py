@@ -21,7 +21,6 @@ stacking two compressors counts only the last one's encoding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -34,8 +33,8 @@ from gradaudit.defenses.base import (
     ClientDefense,
     DefenseContext,
     LocalData,
+    encode_each,
     float_keys,
-    with_tensors,
 )
 from gradaudit.types import ClientUpdate
 
@@ -85,16 +84,6 @@ def sparse_bytes(kept: int, numel: int, value_bytes: int = 4) -> int:
     return min(kept * (value_bytes + INDEX_BYTES), kept * value_bytes + math.ceil(numel / 8))
 
 
-def dense_bytes(update: ClientUpdate, keys: Iterable[str]) -> int:
-    """Bytes of `update`'s sent tensors outside `keys`, uncompressed."""
-    skip = set(keys)
-    return sum(
-        update.tensors[k].numel() * update.tensors[k].element_size()
-        for k in update.sent_keys
-        if k not in skip
-    )
-
-
 def top_k_mask(x: Tensor, k: int) -> Tensor:
     """A boolean mask of `x`'s shape marking exactly `k` largest-magnitude entries.
 
@@ -111,9 +100,11 @@ def top_k_mask(x: Tensor, k: int) -> Tensor:
     return mask.view(x.shape)
 
 
-def _masked(x: Tensor, mask: Tensor, scale: float = 1.0) -> Tensor:
-    """`x` times `scale` where `mask`, exact zeros elsewhere (a new tensor)."""
-    return torch.where(mask, x * scale if scale != 1.0 else x, torch.zeros((), dtype=x.dtype))
+def _sparse(x: Tensor, mask: Tensor, scale: float = 1.0) -> tuple[Tensor, int]:
+    """`x` times `scale` where `mask`, exact zeros elsewhere (a new tensor), and its sparse
+    encoding's size (:func:`sparse_bytes`)."""
+    kept = torch.where(mask, x * scale if scale != 1.0 else x, torch.zeros((), dtype=x.dtype))
+    return kept, sparse_bytes(int(mask.sum()), x.numel(), x.element_size())
 
 
 # --- top-k ----------------------------------------------------------------------------------
@@ -183,13 +174,7 @@ class TopK(ClientDefense):
         if not keys:
             return update
         masks = self.masks(update)
-        tensors = dict(update.tensors)
-        wire = dense_bytes(update, keys)
-        for k in keys:
-            t = update.tensors[k]
-            tensors[k] = _masked(t, masks[k])
-            wire += sparse_bytes(int(masks[k].sum()), t.numel(), t.element_size())
-        return with_tensors(update, tensors, wire_bytes=wire)
+        return encode_each(update, keys, lambda key, t: _sparse(t, masks[key]))
 
     def describe(self) -> dict[str, Any]:
         """Settings, what top-k sparsification does, and why it is no guarantee."""
@@ -220,7 +205,7 @@ class TopK(ClientDefense):
             "pruned; that is one attack on one model, not a bound on what other attacks recover",
             "no error feedback: the pruned part of each update is lost, which costs accuracy",
         ]
-        return report_entry(self, notes, warnings)
+        return self.entry(notes, warnings)
 
 
 @CLIENT_DEFENSES.register(
@@ -273,18 +258,12 @@ class RandomSparsify(ClientDefense):
         self, update: ClientUpdate, *, rng: torch.Generator, local: LocalData
     ) -> ClientUpdate:
         """The update with a random `fraction` of entries kept and scaled by ``1/fraction``."""
-        keys = float_keys(update)
-        if not keys:
-            return update
         p = self.params.fraction
-        tensors = dict(update.tensors)
-        wire = dense_bytes(update, keys)
-        for k in keys:
-            t = update.tensors[k]
-            mask = (torch.rand(t.shape, generator=rng) < p).to(t.device)
-            tensors[k] = _masked(t, mask, 1.0 / p)
-            wire += sparse_bytes(int(mask.sum()), t.numel(), t.element_size())
-        return with_tensors(update, tensors, wire_bytes=wire)
+
+        def keep_some(key: str, t: Tensor) -> tuple[Tensor, int]:
+            return _sparse(t, (torch.rand(t.shape, generator=rng) < p).to(t.device), 1.0 / p)
+
+        return encode_each(update, float_keys(update), keep_some)
 
     def describe(self) -> dict[str, Any]:
         """Settings, what random sparsification does, and why it is no guarantee."""
@@ -300,7 +279,7 @@ class RandomSparsify(ClientDefense):
             "dropping coordinates of one update is not subsampling of examples or clients: it "
             "gives no privacy amplification",
         ]
-        return report_entry(self, notes, warnings)
+        return self.entry(notes, warnings)
 
 
 @CLIENT_DEFENSES.register(
@@ -421,20 +400,13 @@ class Quantize(ClientDefense):
         self, update: ClientUpdate, *, rng: torch.Generator, local: LocalData
     ) -> ClientUpdate:
         """The quantised update, with ``wire_bytes`` of the fixed-width encoding."""
-        keys = float_keys(update)
-        if not keys:
-            return update
-        tensors = dict(update.tensors)
-        wire = dense_bytes(update, keys)
-        for k in keys:
-            t = update.tensors[k]
+
+        def quantise(key: str, t: Tensor) -> tuple[Tensor, int]:
             if self.params.method == "qsgd":
-                tensors[k] = qsgd_quantize(t, self.levels, rng)
-                wire += qsgd_bytes(t.numel(), self.bits)
-            else:
-                tensors[k] = scaled_sign(t)
-                wire += sign_bytes(t.numel())
-        return with_tensors(update, tensors, wire_bytes=wire)
+                return qsgd_quantize(t, self.levels, rng), qsgd_bytes(t.numel(), self.bits)
+            return scaled_sign(t), sign_bytes(t.numel())
+
+        return encode_each(update, float_keys(update), quantise)
 
     def describe(self) -> dict[str, Any]:
         """Settings, what the quantiser does, and why it is no guarantee."""
@@ -461,7 +433,7 @@ class Quantize(ClientDefense):
             "the rounding error depends on the data and is not calibrated noise: it gives no "
             "differential privacy"
         )
-        return report_entry(self, notes, warnings)
+        return self.entry(notes, warnings)
 
 
 @CLIENT_DEFENSES.register(
@@ -472,14 +444,3 @@ class Quantize(ClientDefense):
 )
 def _build_quantize(params: QuantizeParams, context: DefenseContext) -> Quantize:
     return Quantize(params)
-
-
-def report_entry(defense: Any, notes: list[str], warnings: list[str]) -> dict[str, Any]:
-    """The report entry shared by these defenses (`defense` has `name`, `guarantee`, `params`)."""
-    return {
-        "kind": defense.name,
-        "guarantee": defense.guarantee,
-        "params": defense.params.model_dump(mode="json"),
-        "notes": notes,
-        "warnings": warnings,
-    }

@@ -55,6 +55,7 @@ from gradaudit.defenses.base import (
     with_tensors,
 )
 from gradaudit.defenses.dp import clip_update, next_clip_norm, update_noise_multiplier
+from gradaudit.seeding import torch_generator
 from gradaudit.types import ClientUpdate, TensorDict
 
 logger = logging.getLogger(__name__)
@@ -225,33 +226,28 @@ class DpGaussian(ClientDefense):
     def aggregate(
         self, updates: Sequence[ClientUpdate], info: RoundInfo, *, rng: torch.Generator
     ) -> TensorDict | None:
-        """Client level: the clipped updates' sum, noised, over the expected cohort size."""
+        """Client level: the clipped updates' sum, noised, over the expected cohort size.
+
+        Noise goes on every tensor some arrived update sent; a tensor no update carried (or a
+        round no update reached) stays zero: nothing was computed from data.
+        """
         if self.level != "client":
-            return None
-        template = updates[0].tensors if updates else self._zero_update
-        if template is None:
             return None
         expected = self.context.expected_clients
         out: TensorDict = {}
-        for key, first in template.items():
+        for key, first in self.context.model.state_dict().items():
             if not first.is_floating_point():
                 out[key] = torch.zeros_like(first)
                 continue
+            sent = [u.tensors[key] for u in updates if key not in u.withheld]
             total = torch.zeros_like(first, dtype=torch.float64)
-            for update in updates:
-                if key not in update.withheld:
-                    total += update.tensors[key].to(torch.float64)
-            if self.params.noise == "server" and not all(key in u.withheld for u in updates):
+            for tensor in sent:
+                total += tensor.to(torch.float64)
+            if self.params.noise == "server" and sent:
                 std = self.update_multiplier * self.clip_norm
                 total += std * torch.randn(first.shape, generator=rng, dtype=torch.float64)
             out[key] = (total / expected).to(first.dtype)
         return out
-
-    @property
-    def _zero_update(self) -> TensorDict | None:
-        """With no update arriving, the server still releases noise (the mechanism ran)."""
-        state = self.context.model.state_dict()
-        return {k: torch.zeros_like(v) for k, v in state.items()}
 
     def end_round(self, updates: Sequence[ClientUpdate], info: RoundInfo) -> None:
         """Account the round; adapt the clip norm from the noised unclipped count."""
@@ -284,7 +280,7 @@ class DpGaussian(ClientDefense):
                     target_unclipped_quantile=self.params.target_unclipped_quantile,
                     learning_rate=self.params.clip_learning_rate,
                     count_noise=self.count_stddev,
-                    generator=_count_generator(self.context.seed, info.round),
+                    generator=torch_generator(self.context.seed, "adaptive_clipping", info.round),
                 )
         else:
             for client in arrived:
@@ -387,17 +383,15 @@ class DpGaussian(ClientDefense):
             )
         if self.stopped:
             notes.append(self.stopped)
-        out: dict[str, Any] = {
-            "kind": self.name,
-            "guarantee": self.guarantee,
-            "params": p.model_dump(mode="json"),
-            "notes": notes,
-            "warnings": warnings,
-        }
-        if p.clipping == "adaptive":
-            out["clip_norms"] = [*self.clip_history, self.clip_norm]
-            out["update_noise_multiplier"] = self.update_multiplier
-        return out
+        adaptive = (
+            {
+                "clip_norms": [*self.clip_history, self.clip_norm],
+                "update_noise_multiplier": self.update_multiplier,
+            }
+            if p.clipping == "adaptive"
+            else {}
+        )
+        return self.entry(notes, warnings, protects_against=notes[0], **adaptive)
 
 
 def default_delta(units: int) -> float:
@@ -463,12 +457,6 @@ def _protects_against(p: DpGaussianParams) -> str:
         "server only if it sees nothing but the sum (secure aggregation); an individual update "
         "carries little noise"
     )
-
-
-def _count_generator(seed: int, rnd: int) -> torch.Generator:
-    from gradaudit.seeding import torch_generator
-
-    return torch_generator(seed, "adaptive_clipping", rnd)
 
 
 @CLIENT_DEFENSES.register(

@@ -386,11 +386,8 @@ class FederatedDropout(ClientDefense):
                 f"layers {', '.join(self.kept_whole)} are trained whole: their units cannot be "
                 "removed exactly (they feed a residual sum or a non-channel-wise layer)"
             )
-        return {
-            "kind": self.name,
-            "guarantee": self.guarantee,
-            "params": self.params.model_dump(mode="json"),
-            "notes": [
+        return self.entry(
+            notes=[
                 f"each client trains a random sub-model keeping {self.params.fraction:.0%} of "
                 f"the units of each hidden layer ({layers}); the classifier head's outputs and "
                 "the input are never dropped",
@@ -401,8 +398,8 @@ class FederatedDropout(ClientDefense):
                 "the clients that dropped it; kept units are not rescaled, and the full model "
                 "is evaluated",
             ],
-            "warnings": warnings,
-        }
+            warnings=warnings,
+        )
 
 
 @contextmanager
@@ -506,7 +503,7 @@ class PrivateHead(ClientDefense):
             prefixes = params.layers
         self.prefixes = prefixes
         self.keys = private_keys(state, prefixes)
-        param_names = {n for n, _ in context.model.named_parameters()}
+        param_names = context.param_names
         if param_names <= set(self.keys):
             raise ValueError("layers: every parameter would be private; nothing would be shared")
         self.param_keys = frozenset(k for k in self.keys if k in param_names)
@@ -558,11 +555,8 @@ class PrivateHead(ClientDefense):
 
     def describe(self) -> dict[str, Any]:
         """What stays on the client, what still leaves it, and how accuracy is measured."""
-        return {
-            "kind": self.name,
-            "guarantee": self.guarantee,
-            "params": {"layers": list(self.prefixes)},
-            "notes": [
+        return self.entry(
+            notes=[
                 f"{', '.join(self.keys)} train on each client and are never sent: the server "
                 "sees neither their values nor their updates, so attacks that read the "
                 "classifier head's gradient (label recovery) cannot run",
@@ -573,12 +567,13 @@ class PrivateHead(ClientDefense):
                 "have trained, measured on the shared test set, not on each client's own data",
                 "place private_head before other client defenses, so they act on what is sent",
             ],
-            "warnings": [
+            warnings=[
                 "no formal privacy guarantee: the shared layers' update still leaks the "
                 "client's data (an input reconstructable from a first fully connected layer's "
                 "gradient stays reconstructable)",
             ],
-        }
+            params={"layers": list(self.prefixes)},
+        )
 
 
 @CLIENT_DEFENSES.register(

@@ -33,10 +33,10 @@ from gradaudit.defenses.base import (
     ClientDefense,
     DefenseContext,
     LocalData,
+    encode_each,
     float_keys,
-    with_tensors,
 )
-from gradaudit.defenses.client.compression import dense_bytes, kept_count, report_entry
+from gradaudit.defenses.client.compression import kept_count
 from gradaudit.types import ClientUpdate
 
 logger = logging.getLogger(__name__)
@@ -193,15 +193,13 @@ class DctMask(ClientDefense):
         self, update: ClientUpdate, *, rng: torch.Generator, local: LocalData
     ) -> ClientUpdate:
         """The update with every applicable kernel low-passed; ``wire_bytes`` of what is sent."""
+
+        def encode(key: str, t: Tensor) -> tuple[Tensor, int]:
+            low, coefficients = self.filtered(t)
+            return low, coefficients * t.element_size()
+
         keys = [k for k in float_keys(update) if self.applies_to(update.tensors[k])]
-        if not keys:
-            return update
-        tensors = dict(update.tensors)
-        wire = dense_bytes(update, keys)
-        for k in keys:
-            tensors[k], sent = self.filtered(update.tensors[k])
-            wire += sent * update.tensors[k].element_size()
-        return with_tensors(update, tensors, wire_bytes=wire)
+        return encode_each(update, keys, encode)
 
     def describe(self) -> dict[str, Any]:
         """Settings, which tensors are filtered, and what the filter does not hide."""
@@ -224,7 +222,7 @@ class DctMask(ClientDefense):
             "the low frequencies of each filtered gradient are sent exactly, and so is every "
             f"tensor the filter does not touch: {untouched}",
         ]
-        return report_entry(self, notes, warnings)
+        return self.entry(notes, warnings)
 
 
 def filtered_keys(state: Mapping[str, Tensor], *, linear: bool) -> tuple[str, ...]:

@@ -284,11 +284,8 @@ class Soteria(ClientDefense):
     def describe(self) -> dict[str, Any]:
         """Settings, what the pruning hides and what it does not."""
         rate = self.params.pruning_rate
-        return {
-            "kind": self.name,
-            "guarantee": self.guarantee,
-            "params": self.params.model_dump(mode="json"),
-            "notes": [
+        return self.entry(
+            notes=[
                 f"zeroes {rate:.0%} of the input columns of {self.weight_key}'s update: those "
                 "of the representation features most revealing of the client's inputs, scored "
                 "on its own examples at the round's global model (evaluation mode)",
@@ -307,12 +304,12 @@ class Soteria(ClientDefense):
                 "Sun et al. define it for one gradient; on a FedAvg model change it prunes the "
                 "change's columns with the scores of the round's global model",
             ],
-            "warnings": [
+            warnings=[
                 "no formal privacy guarantee: the paper's certificate bounds the reconstruction "
                 "error of the protected layer's representation only, not the leakage of the "
                 "update as a whole",
             ],
-        }
+        )
 
 
 @CLIENT_DEFENSES.register(
