@@ -66,6 +66,32 @@ class LocalSpec(Spec):
         return self
 
 
+class NetworkSpec(Spec):
+    """An unreliable network between the clients and the server.
+
+    At every stage of the aggregation protocol (one upload in the clear; five stages under
+    ``secagg``) each client still in the round vanishes with probability `dropout` (a float for
+    every stage, or a mapping from stage name to probability), and each message it sends takes a
+    log-normal latency plus its size over `bandwidth_mbps`. A message later than `timeout` is a
+    straggler: the server stops waiting and treats its sender as dropped for the rest of the round.
+    """
+
+    dropout: float | dict[str, float] = Field(0.0, description="per-stage dropout probability")
+    latency_median: float = Field(0.05, ge=0, description="median one-way latency, seconds")
+    latency_sigma: float = Field(0.5, ge=0, description="log-normal sigma of the latency")
+    bandwidth_mbps: float | None = Field(
+        None, gt=0, description="each client's link in Mbit/s (None: size costs no time)"
+    )
+    timeout: float = Field(30.0, gt=0, description="seconds the server waits at each stage")
+
+    @model_validator(mode="after")
+    def _probabilities(self) -> NetworkSpec:
+        rates = self.dropout.values() if isinstance(self.dropout, dict) else [self.dropout]
+        if any(not 0 <= r < 1 for r in rates):
+            raise ValueError("network.dropout: every probability must be in [0, 1)")
+        return self
+
+
 class FederationSpec(Spec):
     """The training protocol: algorithm, rounds, client sampling and dropouts."""
 
@@ -74,7 +100,12 @@ class FederationSpec(Spec):
     clients_per_round: int | None = Field(None, ge=1)
     sample_rate: float | None = Field(None, gt=0, le=1)
     local: LocalSpec = LocalSpec()
-    dropout_rate: float = Field(0.0, ge=0, lt=1)
+    dropout_rate: float = Field(
+        0.0, ge=0, lt=1, description="probability a sampled client never starts the round"
+    )
+    network: NetworkSpec | None = Field(
+        None, description="dropouts and stragglers during aggregation (None: a reliable network)"
+    )
     engine: Literal["auto", "vectorised", "loop"] = "auto"
 
     @model_validator(mode="after")

@@ -1,0 +1,5 @@
+"""Server-side aggregation protocols: secure aggregation and homomorphic encryption.
+
+Each is registered in :data:`gradaudit.defenses.SERVER_DEFENSES` as a factory
+``factory(params, context) -> AggregationProtocol`` (see :mod:`.base`).
+"""

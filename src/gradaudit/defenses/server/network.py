@@ -1,0 +1,118 @@
+"""A simulated unreliable network: per-stage dropouts, latency, bandwidth and stragglers.
+
+The parties of an aggregation protocol hand their serialised messages to a :class:`Network`,
+which decides who is still reachable at each stage, counts the bytes each way, and adds up the
+time the server waits. The randomness here models the network, not a secret, so it comes from
+the scenario's seeded stream and a run reproduces its dropouts exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradaudit.config import NetworkSpec
+from gradaudit.defenses.server.base import StageCost
+from gradaudit.errors import ConfigError
+
+
+def stage_dropout(spec: NetworkSpec | None, stages: Sequence[str]) -> dict[str, float]:
+    """The dropout probability at each of `stages`.
+
+    Raises:
+        ConfigError: the spec names a stage the protocol does not have.
+    """
+    if spec is None:
+        return dict.fromkeys(stages, 0.0)
+    if isinstance(spec.dropout, dict):
+        unknown = sorted(set(spec.dropout) - set(stages))
+        if unknown:
+            raise ConfigError(
+                f"federation.network.dropout: unknown stage(s) {unknown}; this aggregation "
+                f"protocol has the stages {list(stages)}"
+            )
+        return {s: float(spec.dropout.get(s, 0.0)) for s in stages}
+    return dict.fromkeys(stages, float(spec.dropout))
+
+
+@dataclass
+class Network:
+    """The network of one round: who is reachable, what travelled, how long the server waited.
+
+    Args:
+        spec: the network's settings (None: reliable, instantaneous).
+        stages: the protocol's stages, in order.
+        rng: the round's network stream.
+    """
+
+    spec: NetworkSpec | None
+    stages: Sequence[str]
+    rng: np.random.Generator
+    _dropout: dict[str, float] = field(init=False)
+    _costs: dict[str, list[float]] = field(init=False, default_factory=dict)
+    gone: set[int] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._dropout = stage_dropout(self.spec, self.stages)
+
+    def deliver(self, stage: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
+        """The messages of `stage` that reach the server, keyed by sender.
+
+        A sender already gone, or one that drops now, or whose message arrives after the
+        timeout, sends nothing (a straggler is gone for the rest of the round).
+        """
+        arrived: dict[int, bytes] = {}
+        latest = 0.0
+        late = False
+        rate = self._dropout[stage]
+        for sender in sorted(messages):
+            if sender in self.gone:
+                continue
+            if rate > 0 and self.rng.random() < rate:
+                self.gone.add(sender)
+                continue
+            delay = self._delay(len(messages[sender]))
+            if self.spec is not None and delay > self.spec.timeout:
+                self.gone.add(sender)
+                late = True
+                continue
+            latest = max(latest, delay)
+            arrived[sender] = messages[sender]
+        waited = self.spec.timeout if late and self.spec is not None else latest
+        cost = self._costs.setdefault(stage, [0, 0, 0, 0.0])
+        cost[0] += len(arrived)
+        cost[1] += sum(len(m) for m in arrived.values())
+        cost[3] += waited
+        return arrived
+
+    def send_down(self, stage: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
+        """The server's messages of `stage` to clients still reachable (counted as bytes down)."""
+        reached = {c: m for c, m in messages.items() if c not in self.gone}
+        cost = self._costs.setdefault(stage, [0, 0, 0, 0.0])
+        cost[2] += sum(len(m) for m in reached.values())
+        if self.spec is not None and reached:
+            cost[3] += max(self._delay(len(m)) for m in reached.values())
+        return reached
+
+    def alive(self, clients: Sequence[int]) -> list[int]:
+        """The clients of `clients` still reachable."""
+        return [c for c in clients if c not in self.gone]
+
+    def costs(self) -> tuple[StageCost, ...]:
+        """Traffic and waiting per stage so far, in the protocol's stage order."""
+        return tuple(
+            StageCost(s, int(c[0]), int(c[1]), int(c[2]), float(c[3]))
+            for s in self.stages
+            if (c := self._costs.get(s)) is not None
+        )
+
+    def _delay(self, size: int) -> float:
+        spec = self.spec
+        if spec is None:
+            return 0.0
+        latency = spec.latency_median * float(np.exp(spec.latency_sigma * self.rng.normal()))
+        if spec.bandwidth_mbps is not None:
+            latency += 8 * size / (spec.bandwidth_mbps * 1e6)
+        return latency
