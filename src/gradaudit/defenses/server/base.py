@@ -25,7 +25,7 @@ from gradaudit.errors import GradauditError
 from gradaudit.types import TensorDict, Visibility
 
 
-class AggregationAborted(GradauditError):
+class AggregationAbortedError(GradauditError):
     """The protocol could not finish the round safely (too few clients left); the server learnt
     no sum and no client's input."""
 
@@ -135,7 +135,7 @@ class AggregationProtocol:
             network: the :class:`~gradaudit.defenses.server.network.Network` of this round.
 
         Raises:
-            AggregationAborted: too few clients remain to finish without revealing an input.
+            AggregationAbortedError: too few clients remain to finish without revealing an input.
         """
         raise NotImplementedError
 

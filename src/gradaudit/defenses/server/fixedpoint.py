@@ -65,9 +65,13 @@ class FixedPoint:
     def encode(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(ring elements of `values`, how many were clipped to the range)."""
         r = self.clipping_range
-        clipped = int(np.count_nonzero((values > r) | (values < -r)))
-        scaled = np.rint(np.clip(values, -r, r) * self.scale).astype(np.int64)
-        return scaled.astype(self.dtype), clipped  # two's complement: -1 becomes 2^bits - 1
+        clipped = int(np.count_nonzero(np.abs(values) > r))
+        scaled = np.clip(values, -r, r)
+        scaled *= self.scale
+        np.rint(scaled, out=scaled)
+        signed = np.int32 if self.bits == 32 else np.int64
+        # |scaled| < 2^(bits-1): the signed cast is exact; two's complement makes -1 2^bits - 1
+        return scaled.astype(signed).view(self.dtype), clipped
 
     def encode_counts(self, counts: np.ndarray) -> np.ndarray:
         """Ring elements of integer statistics.
