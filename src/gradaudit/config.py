@@ -77,6 +77,12 @@ class NetworkSpec(Spec):
     """
 
     dropout: float | dict[str, float] = Field(0.0, description="per-stage dropout probability")
+    dropout_scope: Literal["stage", "round"] = Field(
+        "stage",
+        description="stage: a float `dropout` strikes at every stage; round: it is the chance a "
+        "client drops somewhere in the round, spread evenly over the protocol's stages (compares "
+        "protocols with different numbers of stages fairly)",
+    )
     latency_median: float = Field(0.05, ge=0, description="median one-way latency, seconds")
     latency_sigma: float = Field(0.5, ge=0, description="log-normal sigma of the latency")
     bandwidth_mbps: float | None = Field(

@@ -38,13 +38,19 @@ from gradaudit.audit.scoring import (
 )
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
-from gradaudit.defenses import build_client_defenses
+from gradaudit.defenses import build_client_defenses, build_server_protocol
 from gradaudit.defenses.base import DefenseContext, DefenseStack
 from gradaudit.federation import Capture, RoundRecord, run_federation
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng, torch_generator
-from gradaudit.threat import describe_threat, observe
-from gradaudit.types import AttackResult, Observation
+from gradaudit.threat import (
+    AGGREGATE_CLIENT,
+    aggregate_indices,
+    aggregate_view,
+    describe_threat,
+    observe,
+)
+from gradaudit.types import AttackResult, Observation, Visibility
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +149,17 @@ def run_audit(
         generator=torch_generator(seed, "model"),
     )
 
-    defenses = build_client_defenses(
-        scenario.defenses.client,
-        DefenseContext(
-            model=model,
-            federation=scenario.federation,
-            num_clients=scenario.data.num_clients,
-            client_sizes=tuple(len(c) for c in clients),
-            task=dataset.info,
-            seed=seed,
-        ),
+    context = DefenseContext(
+        model=model,
+        federation=scenario.federation,
+        num_clients=scenario.data.num_clients,
+        client_sizes=tuple(len(c) for c in clients),
+        task=dataset.info,
+        seed=seed,
     )
+    defenses = build_client_defenses(scenario.defenses.client, context)
+    protocol = build_server_protocol(scenario.defenses.server, context)
+    visibility = protocol.visibility if protocol is not None else Visibility.INDIVIDUAL
     hooks.stage("federated training", scenario.federation.rounds)
     target = scenario.threat.target
     fed = run_federation(
@@ -164,6 +170,7 @@ def run_audit(
         seed=seed,
         capture_rounds={target.round},
         defenses=defenses,
+        protocol=protocol,
         on_round=hooks.round_done,
     )
     capture = fed.captures.get(target.round)
@@ -177,45 +184,48 @@ def run_audit(
         scenario.federation,
         dataset.info,
         dataset.y_train,
+        visibility=visibility,
         public_data=(dataset.x_test, dataset.y_test),  # handed over only if `knows` grants it
     )
     plan = capture.plans.get(target.client)
     true_idx = torch.as_tensor(plan.used) if plan is not None else torch.zeros(0, dtype=torch.long)
-    true_labels = dataset.y_train[true_idx]
-    norm = dataset.info.normalization
-    true_images = (
-        norm.denormalize(dataset.x_train[true_idx]).clamp(0, 1)
-        if norm is not None and dataset.info.modality == "image"
+    views = [(obs, true_idx, "")]
+    aggregate_obs = (
+        aggregate_view(obs, capture, dataset.y_train)
+        if visibility is not Visibility.INDIVIDUAL and never_ran is None
         else None
     )
+    if aggregate_obs is not None:  # what the aggregate of the included clients leaks
+        views.append((aggregate_obs, aggregate_indices(capture), "_aggregate"))
 
     attack_entries: list[dict[str, Any]] = []
     for index, spec in enumerate(scenario.attacks):
-        cached = partial / f"attack_{index}.json"
-        if resume and cached.is_file():
-            entry = read_json(cached, what="cached attack result")
-            logger.info(
-                "attack %d (%s): reusing the finished result in %s", index, spec.kind, cached
+        for view, indices, suffix in views:
+            cached = partial / f"attack_{index}{suffix}.json"
+            if resume and cached.is_file():
+                entry = read_json(cached, what="cached attack result")
+                logger.info(
+                    "attack %d (%s): reusing the finished result in %s", index, spec.kind, cached
+                )
+                attack_entries.append(entry)
+                continue
+            attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
+            on = " on the aggregate" if suffix else ""
+            hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}{on}")
+            result = (
+                not_applicable(spec.kind, view, never_ran)
+                if never_ran is not None
+                else _run_one(attack, view, model, torch_generator(seed, "attack", index), hooks)
             )
+            entry = _scored_entry(
+                result, attack, view, model, index, out_dir, dataset, indices, scenario
+            )
+            if suffix:
+                entry["client"] = "aggregate"
+                entry["clients"] = [u.client_id for u in capture.updates]
+            if result.status != "failed":  # a failure is retried by the next run
+                atomic_write_json(cached, entry)
             attack_entries.append(entry)
-            continue
-        attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
-        hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}")
-        result = (
-            not_applicable(spec.kind, obs, never_ran)
-            if never_ran is not None
-            else _run_one(attack, obs, model, torch_generator(seed, "attack", index), hooks)
-        )
-        validation = validate(result, attack, obs, model)
-        entry, perm = _entry(
-            result, index, out_dir, true_images, true_labels, dataset.info.class_names
-        )
-        _add_validation(
-            entry, result, validation, true_images, perm, scenario.threat.keep_threshold
-        )
-        if result.status != "failed":  # a failure is retried by the next run
-            atomic_write_json(cached, entry)
-        attack_entries.append(entry)
 
     accuracy = [r.test_accuracy for r in fed.rounds]
     described = [d.describe() for d in defenses.defenses]
@@ -236,12 +246,16 @@ def run_audit(
             "num_clients": scenario.data.num_clients,
             "client_sizes": [len(c) for c in clients],
             "stopped": fed.stopped,
+            "aborted_rounds": [r.round for r in fed.rounds if r.aborted],
             "rounds": [
                 {
                     "round": r.round,
                     "sampled": list(r.sampled),
                     "dropped": list(r.dropped),
                     "declined": list(r.declined),
+                    "lost": list(r.lost),
+                    "recovered": list(r.recovered),
+                    "aborted": r.aborted,
                     "test_accuracy": r.test_accuracy,
                     "test_loss": r.test_loss,
                 }
@@ -253,7 +267,9 @@ def run_audit(
             "test_accuracy": accuracy,
             "final_test_accuracy": accuracy[-1],
         },
-        "defenses": described,
+        "defenses": [{"side": "client", **d} for d in described]
+        + ([{"side": "server", **protocol.describe()}] if protocol is not None else []),
+        "visibility": visibility.value,
         "privacy": privacy_block(defenses, described, fed.stopped),
         "cost": {
             "seconds": 0.0,
@@ -261,6 +277,13 @@ def run_audit(
             "bytes_down_per_client": fed.cost.bytes_down_per_client,
             "client_seconds": fed.cost.client_seconds,
             "server_seconds": fed.cost.server_seconds,
+            "protocol": protocol.name if protocol is not None else None,
+            "stages": {k: dict(v) for k, v in fed.cost.stages.items()},
+            "network_seconds": fed.cost.network_seconds,
+            "clipped_values": fed.cost.clipped,
+            "dropouts_recovered": sum(len(r.recovered) for r in fed.rounds),
+            "updates_lost": sum(len(r.lost) for r in fed.rounds),
+            "aborted_rounds": sum(1 for r in fed.rounds if r.aborted),
         },
         "attacks": attack_entries,
         "risk": assess(attack_entries),
@@ -312,6 +335,32 @@ def privacy_block(
             "warnings": entry["warnings"],
         }
     return None
+
+
+def _scored_entry(
+    result: AttackResult,
+    attack: Attack,
+    view: Observation,
+    model: torch.nn.Module,
+    index: int,
+    out_dir: Path,
+    dataset: Any,
+    indices: torch.Tensor,
+    scenario: Scenario,
+) -> dict[str, Any]:
+    """The report entry of `result`, scored against the examples at `indices` (the private
+    truth behind the attacked update), with the attacker's own validation."""
+    true_labels = dataset.y_train[indices]
+    norm = dataset.info.normalization
+    true_images = (
+        norm.denormalize(dataset.x_train[indices]).clamp(0, 1)
+        if norm is not None and dataset.info.modality == "image"
+        else None
+    )
+    validation = validate(result, attack, view, model)
+    entry, perm = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
+    _add_validation(entry, result, validation, true_images, perm, scenario.threat.keep_threshold)
+    return entry
 
 
 def _run_one(
@@ -453,7 +502,8 @@ def _entry(
             entry["details"]["recovered_label_names"] = [class_names[v] for v in recovered]
             entry["details"]["true_label_names"] = [class_names[v] for v in truth]
     if rec.images is not None and true_images is not None and perm is not None:
-        name = f"reconstructions/attack{index}_r{result.round}_c{result.client}.png"
+        who = "aggregate" if result.client == AGGREGATE_CLIENT else f"c{result.client}"
+        name = f"reconstructions/attack{index}_r{result.round}_{who}.png"
         png = artifacts.comparison_png(true_images, rec.images[perm])
         artifacts.save_png(out_dir / name, png)
         entry["artifacts"].append(name)

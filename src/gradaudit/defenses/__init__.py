@@ -44,6 +44,29 @@ def build_client_defenses(specs: Sequence[Any], context: Any) -> Any:
         raise ConfigError(f"defenses.client: {exc}") from None
 
 
-from gradaudit.defenses import client as _client  # noqa: E402,F401  (registers the defenses)
+def build_server_protocol(specs: Sequence[Any], context: Any) -> Any:
+    """The aggregation protocol of `specs` (at most one ``ComponentSpec``), or None.
 
-__all__ = ["CLIENT_DEFENSES", "SERVER_DEFENSES", "build_client_defenses"]
+    Raises:
+        ConfigError: more than one protocol, or one that refuses the run's settings.
+    """
+    if len(specs) > 1:
+        kinds = [s.kind for s in specs]
+        raise ConfigError(
+            f"defenses.server: {kinds}: one aggregation protocol per run (each computes the "
+            "whole sum its own way)"
+        )
+    if not specs:
+        return None
+    spec = specs[0]
+    params = SERVER_DEFENSES.parse_params(spec.kind, spec.params, where="defenses.server[0].params")
+    try:
+        return SERVER_DEFENSES.get(spec.kind)(params, context)
+    except ValueError as exc:
+        raise ConfigError(f"defenses.server[0] ({spec.kind}): {exc}") from None
+
+
+from gradaudit.defenses import client as _client  # noqa: E402,F401  (registers the defenses)
+from gradaudit.defenses import server as _server  # noqa: E402,F401
+
+__all__ = ["CLIENT_DEFENSES", "SERVER_DEFENSES", "build_client_defenses", "build_server_protocol"]

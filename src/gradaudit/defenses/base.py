@@ -11,7 +11,9 @@ it to its update before sending. Some defenses need more than the finished updat
   training (a random sub-model, a private head). A context forces the loop engine.
 - :meth:`ClientDefense.admits` lets a client refuse a round (a participation budget).
 - :meth:`ClientDefense.aggregate` and :meth:`ClientDefense.end_round` are the server's half of
-  a defense that has one (DP-FedAvg adds noise to the sum and adapts its clip norm).
+  a defense that has one (DP-FedAvg adds noise to the sum and adapts its clip norm);
+  :meth:`ClientDefense.summand` and :meth:`ClientDefense.from_sum` say the same as a sum, so the
+  defense also runs under secure aggregation, where the server sees only the sum.
 - :meth:`ClientDefense.stop_reason` ends training before a round (``max_epsilon``).
 - :meth:`ClientDefense.describe` and :meth:`ClientDefense.privacy` feed the report. Every defense
   states its guarantee; only a mechanism with a DP proof and an accountant says more than
@@ -193,6 +195,27 @@ class ClientDefense:
         """The server's aggregate when this defense prescribes it, else None (plain FedAvg)."""
         return None
 
+    def summand(self, update: ClientUpdate) -> tuple[TensorDict, dict[str, int]] | None:
+        """Client side of a secure sum: the tensors and integer statistics this client adds
+        to the sum, when this defense prescribes the aggregate; None keeps FedAvg weighting.
+
+        :meth:`from_sum` must turn the sum of summands into the aggregate, so that under an
+        aggregation protocol (``defenses.server``) the server never needs an individual update.
+        """
+        return None
+
+    def from_sum(
+        self,
+        total: TensorDict,
+        counts: Mapping[str, int],
+        info: RoundInfo,
+        *,
+        rng: torch.Generator,
+    ) -> TensorDict | None:
+        """Server side of a secure sum: the aggregate from the summands' float64 sum and their
+        summed statistics (None when this defense has no summand)."""
+        return None
+
     def end_round(self, updates: Sequence[ClientUpdate], info: RoundInfo) -> None:
         """Bookkeeping after the round's aggregate was applied (accounting, adaptation)."""
 
@@ -233,7 +256,10 @@ class DefenseStack:
 
     def __post_init__(self) -> None:
         servers = [
-            d.name for d in self.defenses if type(d).aggregate is not ClientDefense.aggregate
+            d.name
+            for d in self.defenses
+            if type(d).aggregate is not ClientDefense.aggregate
+            or type(d).from_sum is not ClientDefense.from_sum
         ]
         if len(servers) > 1:
             raise ValueError(
@@ -295,6 +321,48 @@ class DefenseStack:
             if result is not None:
                 return result
         return None
+
+    def summand(
+        self, update: ClientUpdate, *, weight_unit: float
+    ) -> tuple[TensorDict, dict[str, int]]:
+        """What `update`'s client adds to a secure sum: a defense's summand, else the FedAvg
+        summand (the sent tensors times ``num_examples / weight_unit``, and the example
+        count), whose sum :meth:`from_sum` divides by the summed count."""
+        for defense in self.defenses:
+            result = defense.summand(update)
+            if result is not None:
+                return result
+        weight = update.num_examples / weight_unit
+        tensors = {k: update.tensors[k].to(torch.float64) * weight for k in update.sent_keys}
+        return tensors, {"examples": int(update.num_examples)}
+
+    def from_sum(
+        self,
+        total: TensorDict,
+        counts: Mapping[str, int],
+        info: RoundInfo,
+        *,
+        rng: torch.Generator,
+        template: TensorDict,
+        weight_unit: float,
+    ) -> TensorDict:
+        """The aggregate from a secure sum of :meth:`summand` values, keyed and typed like
+        `template` (tensors nobody sent stay zero; integer tensors are rounded)."""
+        for defense in self.defenses:
+            result = defense.from_sum(total, counts, info, rng=rng)
+            if result is not None:
+                return result
+        examples = counts.get("examples", 0)
+        out: TensorDict = {}
+        for key, like in template.items():
+            if key not in total or examples == 0:
+                out[key] = torch.zeros_like(like)
+                continue
+            mean = total[key] * (weight_unit / examples)
+            out[key] = (
+                mean.round().to(like.dtype) if not like.is_floating_point() else mean.to(like.dtype)
+            )
+        return out
 
     def end_round(self, updates: Sequence[ClientUpdate], info: RoundInfo) -> None:
         """Let every defense do its bookkeeping."""

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,14 @@ from torch import nn
 from gradaudit.config import FederationSpec
 from gradaudit.data.base import Dataset
 from gradaudit.defenses.base import DefenseStack, LocalData, RoundInfo
+from gradaudit.defenses.server.base import (
+    AggregationAbortedError,
+    AggregationProtocol,
+    Contribution,
+    SecureSum,
+    SumLayout,
+)
+from gradaudit.defenses.server.network import Network
 from gradaudit.errors import ConfigError
 from gradaudit.federation.aggregation import apply_aggregate, weighted_mean
 from gradaudit.federation.local import (
@@ -43,6 +51,10 @@ class RoundRecord:
         test_accuracy: the new global model's accuracy on the test set.
         test_loss: its mean cross-entropy on the test set.
         declined: sampled clients a defense kept out (a participation budget spent).
+        lost: clients that trained but whose update did not make it into the aggregate (the
+            network dropped them, or they dropped during the aggregation protocol).
+        recovered: clients that dropped after sending a masked input, counted anyway.
+        aborted: why the aggregation protocol aborted the round (the model is unchanged).
     """
 
     round: int
@@ -51,6 +63,9 @@ class RoundRecord:
     test_accuracy: float
     test_loss: float
     declined: tuple[int, ...] = ()
+    lost: tuple[int, ...] = ()
+    recovered: tuple[int, ...] = ()
+    aborted: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,12 +89,25 @@ class Capture:
 
 @dataclass(frozen=True)
 class CostRecord:
-    """Communication and compute per round, averaged over participating clients."""
+    """Communication and compute per round, averaged over participating clients.
+
+    Attributes:
+        bytes_up_per_client: bytes one client sends in a round (all protocol stages).
+        bytes_down_per_client: bytes the server sends one client in a round.
+        client_seconds: one client's compute per round (training, defenses, protocol).
+        server_seconds: the server's compute per round (aggregation, protocol, key holder).
+        stages: per protocol stage, mean bytes up and down per client that took part.
+        network_seconds: mean simulated time per round spent waiting on the network.
+        clipped: entries the protocol's encoding clipped to its range, over the whole run.
+    """
 
     bytes_up_per_client: int
     bytes_down_per_client: int
     client_seconds: float
     server_seconds: float
+    stages: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    network_seconds: float = 0.0
+    clipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,7 @@ def run_federation(
     seed: int,
     capture_rounds: Collection[int] = (),
     defenses: DefenseStack | None = None,
+    protocol: AggregationProtocol | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> FederationResult:
     """Simulate up to `spec.rounds` rounds of FedSGD or FedAvg on `dataset` split by client.
@@ -153,6 +182,8 @@ def run_federation(
         defenses: the client-side defenses (see `defenses.base`); they may change local
             training, transform each update, prescribe the server's aggregate, and stop training
             before a round (a privacy budget spent).
+        protocol: the server-side aggregation protocol (secure aggregation, homomorphic
+            encryption); None sums the updates in the clear.
         on_round: called after every round (for progress display).
 
     Returns:
@@ -176,6 +207,9 @@ def run_federation(
     server_seconds: list[float] = []
     down_bytes = tensor_bytes(state)
     stopped: str | None = None
+    weight_unit = float(np.mean([len(c) for c in client_indices])) or 1.0
+    protocol_costs: list[SecureSum] = []
+    network_seconds: list[float] = []
     for rnd in range(1, spec.rounds + 1):
         sampled = sample_clients(
             len(client_indices),
@@ -241,21 +275,49 @@ def run_federation(
 
         started = time.perf_counter()
         info = RoundInfo(rnd, tuple(int(c) for c in sampled))
-        aggregate = defenses.aggregate(
-            updates, info, rng=torch_generator(seed, "server_defense", rnd)
-        )
-        if aggregate is None and updates:
-            aggregate = weighted_mean(updates)
+        server_rng = torch_generator(seed, "server_defense", rnd)
+        network = None
+        if protocol is not None or spec.network is not None:
+            stages = protocol.stages if protocol is not None else ("upload",)
+            network = Network(spec.network, stages, numpy_rng(seed, "network", rnd))
+        aborted: str | None = None
+        recovered: tuple[int, ...] = ()
+        if protocol is not None and updates:
+            try:
+                result, aggregate = _secure_aggregate(
+                    protocol, defenses, updates, info, network, state, weight_unit, server_rng
+                )
+            except AggregationAbortedError as exc:
+                aborted, aggregate, arrived = str(exc), None, []
+                logger.warning("%s", exc)
+                network_seconds.append(sum(c.network_seconds for c in network.costs()))
+            else:
+                arrived = [u for u in updates if u.client_id in set(result.included)]
+                recovered = result.recovered
+                protocol_costs.append(result)
+                network_seconds.append(result.network_seconds)
+                client_seconds[-1] += result.client_seconds / len(updates)
+                started -= result.client_seconds  # counted as the clients' time above
+        else:
+            arrived = updates
+            if network is not None and updates:
+                ids = set(network.arrivals("upload", {u.client_id: u.size_bytes for u in updates}))
+                arrived = [u for u in updates if u.client_id in ids]
+                network_seconds.append(sum(c.network_seconds for c in network.costs()))
+            aggregate = defenses.aggregate(arrived, info, rng=server_rng)
+            if aggregate is None and arrived:
+                aggregate = weighted_mean(arrived)
+        lost = tuple(sorted({u.client_id for u in updates} - {u.client_id for u in arrived}))
         if rnd in capture_rounds:
             plans_by_client = {p.client_id: p for p in plans}
-            captures[rnd] = Capture(rnd, state, tuple(updates), plans_by_client, aggregate)
+            captures[rnd] = Capture(rnd, state, tuple(arrived), plans_by_client, aggregate)
         if aggregate is not None:
             state = apply_aggregate(
                 state, aggregate, kind=kind, lr=spec.local.lr, param_names=param_names
             )
-        else:
+        elif aborted is None:
             logger.warning("round %d: no client update arrived; the model is unchanged", rnd)
-        defenses.end_round(updates, info)
+        defenses.end_round(arrived, info)
         server_seconds.append(time.perf_counter() - started)
 
         accuracy, loss = _evaluate_states(model, state, dataset, defenses)
@@ -266,6 +328,9 @@ def run_federation(
             accuracy,
             loss,
             declined=tuple(int(c) for c in declined),
+            lost=lost,
+            recovered=recovered,
+            aborted=aborted,
         )
         records.append(record)
         logger.info("round %d: %d clients, test accuracy %.4f", rnd, len(updates), accuracy)
@@ -273,15 +338,75 @@ def run_federation(
             on_round(record)
 
     model.load_state_dict(state)
+    stage_costs = _stage_means(protocol_costs)
+    if protocol_costs:  # what the protocol's messages weigh replaces the plain update's size
+        up_bytes = [int(sum(v["bytes_up"] for v in stage_costs.values()))]
+        down_bytes = int(sum(v["bytes_down"] for v in stage_costs.values()))
     cost = CostRecord(
         bytes_up_per_client=int(np.mean(up_bytes)) if up_bytes else 0,
         bytes_down_per_client=down_bytes,
         client_seconds=float(np.mean(client_seconds)) if client_seconds else 0.0,
         server_seconds=float(np.mean(server_seconds)) if server_seconds else 0.0,
+        stages=stage_costs,
+        network_seconds=float(np.mean(network_seconds)) if network_seconds else 0.0,
+        clipped=sum(r.clipped for r in protocol_costs),
     )
     return FederationResult(
         state, tuple(records), captures, engine, cost, initial_accuracy, stopped=stopped
     )
+
+
+def _secure_aggregate(
+    protocol: AggregationProtocol,
+    defenses: DefenseStack,
+    updates: Sequence[ClientUpdate],
+    info: RoundInfo,
+    network: Network | None,
+    state: TensorDict,
+    weight_unit: float,
+    rng: torch.Generator,
+) -> tuple[SecureSum, TensorDict]:
+    """The round's aggregate through `protocol`: summands in, the sum out, the aggregate from it.
+
+    Raises:
+        AggregationAbortedError: the protocol aborted the round.
+        ConfigError: the clients' summands do not share one layout (a defense that makes
+            clients send different tensors cannot run under a secure sum).
+    """
+    summands = [defenses.summand(u, weight_unit=weight_unit) for u in updates]
+    layout = SumLayout.of(summands[0][0], sorted(summands[0][1]))
+    contributions = []
+    for update, (tensors, counts) in zip(updates, summands, strict=True):
+        try:
+            values, stats = layout.flatten(tensors, counts)
+        except ValueError as exc:
+            raise ConfigError(
+                f"defenses.server: client {update.client_id}'s update cannot join a secure sum "
+                f"({exc}); every client must send the same tensors"
+            ) from None
+        contributions.append(Contribution(update.client_id, values, stats))
+    result = protocol.secure_sum(
+        contributions, round=info.round, cohort=len(info.sampled), network=network
+    )
+    total, counts = layout.unflatten(result.values, result.counts)
+    aggregate = defenses.from_sum(
+        total, counts, info, rng=rng, template=state, weight_unit=weight_unit
+    )
+    return result, aggregate
+
+
+def _stage_means(results: Sequence[SecureSum]) -> dict[str, dict[str, float]]:
+    """Per stage, mean bytes up and down per client that took part in it, over the rounds."""
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(s.stage for r in results for s in r.stages):
+        costs = [s for r in results for s in r.stages if s.stage == name]
+        clients = sum(s.clients for s in costs) or 1
+        out[name] = {
+            "bytes_up": sum(s.bytes_up for s in costs) / clients,
+            "bytes_down": sum(s.bytes_down for s in costs) / clients,
+            "network_seconds": sum(s.network_seconds for s in costs) / len(costs),
+        }
+    return out
 
 
 def _defense_rng(seed: int, rnd: int, client: int, index: int) -> torch.Generator:

@@ -105,6 +105,58 @@ def observe(
     )
 
 
+AGGREGATE_CLIENT = -1
+"""The target id of an attack on the aggregate (the sum of all included clients)."""
+
+
+def aggregate_view(obs: Observation, capture: Capture, y_train: Tensor) -> Observation | None:
+    """The observation that treats the round's aggregate as one client's update.
+
+    Under secure aggregation or homomorphic encryption the server sees only the aggregate; an
+    attack on one client's update then runs on the aggregate instead, as an update computed from
+    every included client's examples together (for FedSGD with example weighting the weighted
+    mean of the clients' gradients is exactly the gradient of their union batch). The server
+    learns the summed example count from the protocol, so it is the update's ``num_examples``,
+    and the granted batch size is that count. Labels, when granted, are the union's.
+
+    Returns:
+        None when the round has no aggregate or no included update.
+    """
+    if obs.aggregate is None or not capture.updates:
+        return None
+    first = capture.updates[0]
+    total = sum(u.num_examples for u in capture.updates)
+    withheld = frozenset.intersection(*(u.withheld for u in capture.updates))
+    pseudo = ClientUpdate(
+        AGGREGATE_CLIENT, capture.round, first.kind, dict(obs.aggregate), total, withheld
+    )
+    side = dict(obs.side_info)
+    if "batch_size" in side:
+        side["batch_size"] = total
+    if "labels" in side:
+        side["labels"] = y_train[aggregate_indices(capture)].clone()
+    return Observation(
+        round=obs.round,
+        target_client=AGGREGATE_CLIENT,
+        global_params=obs.global_params,
+        updates=(pseudo,),
+        aggregate=obs.aggregate,
+        side_info=side,
+        task=obs.task,
+    )
+
+
+def aggregate_indices(capture: Capture) -> Tensor:
+    """PRIVATE (for scoring): the training examples behind the round's aggregate, in client
+    order."""
+    parts = [
+        torch.as_tensor(capture.plans[u.client_id].used, dtype=torch.long)
+        for u in capture.updates
+        if u.client_id in capture.plans
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def describe_threat(threat: ThreatSpec) -> str:
     """The threat model in one plain sentence, for the report.
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -155,6 +155,7 @@ class DpGaussian(ClientDefense):
             else params.noise_multiplier
         )
         self._unclipped: dict[int, bool] = {}
+        self._unclipped_count = 0
         self.rounds_run = 0
         self.stopped: str | None = None
         self.guarantee = _guarantee(params)
@@ -223,31 +224,59 @@ class DpGaussian(ClientDefense):
             )
         return self.stopped
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], info: RoundInfo, *, rng: torch.Generator
-    ) -> TensorDict | None:
-        """Client level: the clipped updates' sum, noised, over the expected cohort size.
-
-        Noise goes on every tensor some arrived update sent; a tensor no update carried (or a
-        round no update reached) stays zero: nothing was computed from data.
-        """
+    def summand(self, update: ClientUpdate) -> tuple[TensorDict, dict[str, int]] | None:
+        """Client level: the clipped (and, if distributed, noised) update, and whether it was
+        within the clip norm (the adaptive-clipping count), summed without weights."""
         if self.level != "client":
             return None
+        tensors = {k: update.tensors[k].to(torch.float64) for k in float_keys(update)}
+        return tensors, {"unclipped": int(self._unclipped.get(update.client_id, False))}
+
+    def from_sum(
+        self,
+        total: TensorDict,
+        counts: Mapping[str, int],
+        info: RoundInfo,
+        *,
+        rng: torch.Generator,
+    ) -> TensorDict | None:
+        """Client level: the sum, noised where the server adds the noise, over the expected
+        cohort size. Noise goes on every tensor some update sent; a tensor no update carried
+        (or a round no update reached) stays zero: nothing was computed from data."""
+        if self.level != "client":
+            return None
+        self._unclipped_count = int(counts.get("unclipped", 0))
         expected = self.context.expected_clients
         out: TensorDict = {}
         for key, first in self.context.model.state_dict().items():
             if not first.is_floating_point():
                 out[key] = torch.zeros_like(first)
                 continue
-            sent = [u.tensors[key] for u in updates if key not in u.withheld]
-            total = torch.zeros_like(first, dtype=torch.float64)
-            for tensor in sent:
-                total += tensor.to(torch.float64)
-            if self.params.noise == "server" and sent:
+            summed = total.get(key)
+            acc = torch.zeros_like(first, dtype=torch.float64) if summed is None else summed.clone()
+            if self.params.noise == "server" and summed is not None:
                 std = self.update_multiplier * self.clip_norm
-                total += std * torch.randn(first.shape, generator=rng, dtype=torch.float64)
-            out[key] = (total / expected).to(first.dtype)
+                acc += std * torch.randn(first.shape, generator=rng, dtype=torch.float64)
+            out[key] = (acc / expected).to(first.dtype)
         return out
+
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], info: RoundInfo, *, rng: torch.Generator
+    ) -> TensorDict | None:
+        """Client level: :meth:`from_sum` of the summands added in the clear."""
+        if self.level != "client":
+            return None
+        total: TensorDict = {}
+        counts: dict[str, int] = {}
+        for update in updates:
+            summand = self.summand(update)
+            assert summand is not None
+            tensors, stats = summand
+            for key, tensor in tensors.items():
+                total[key] = total[key] + tensor if key in total else tensor.clone()
+            for name, value in stats.items():
+                counts[name] = counts.get(name, 0) + value
+        return self.from_sum(total, counts, info, rng=rng)
 
     def end_round(self, updates: Sequence[ClientUpdate], info: RoundInfo) -> None:
         """Account the round; adapt the clip norm from the noised unclipped count."""
@@ -272,7 +301,7 @@ class DpGaussian(ClientDefense):
                     self.ledger.record(client, self._client_round(z))
             if self.params.clipping == "adaptive":
                 self.clip_history.append(self.clip_norm)
-                unclipped = sum(self._unclipped.get(c, False) for c in arrived)
+                unclipped = self._unclipped_count
                 self.clip_norm, _ = next_clip_norm(
                     self.clip_norm,
                     unclipped,
@@ -286,6 +315,7 @@ class DpGaussian(ClientDefense):
             for client in arrived:
                 self.ledger.record(client, self._participant_round(client))
         self._unclipped.clear()
+        self._unclipped_count = 0
 
     # ------------------------------------------------------------------ accounting
 

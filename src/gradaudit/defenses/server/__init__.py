@@ -3,3 +3,5 @@
 Each is registered in :data:`gradaudit.defenses.SERVER_DEFENSES` as a factory
 ``factory(params, context) -> AggregationProtocol`` (see :mod:`.base`).
 """
+
+from gradaudit.defenses.server import secagg  # noqa: F401  (registers `secagg`)

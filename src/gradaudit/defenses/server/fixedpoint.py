@@ -28,7 +28,7 @@ class FixedPoint:
         >>> enc, clipped = fp.encode(np.array([0.25, -3.0]))
         >>> clipped
         1
-        >>> fp.decode(fp.add(enc, enc)).tolist()
+        >>> fp.decode(fp.add(enc, enc)).round(6).tolist()
         [0.5, -2.0]
     """
 

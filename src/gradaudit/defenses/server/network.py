@@ -34,7 +34,10 @@ def stage_dropout(spec: NetworkSpec | None, stages: Sequence[str]) -> dict[str, 
                 f"protocol has the stages {list(stages)}"
             )
         return {s: float(spec.dropout.get(s, 0.0)) for s in stages}
-    return dict.fromkeys(stages, float(spec.dropout))
+    rate = float(spec.dropout)
+    if spec.dropout_scope == "round":
+        rate = 1 - (1 - rate) ** (1 / len(stages))
+    return dict.fromkeys(stages, rate)
 
 
 @dataclass
@@ -63,27 +66,32 @@ class Network:
         A sender already gone, or one that drops now, or whose message arrives after the
         timeout, sends nothing (a straggler is gone for the rest of the round).
         """
-        arrived: dict[int, bytes] = {}
+        arrived = self.arrivals(stage, {c: len(m) for c, m in messages.items()})
+        return {c: messages[c] for c in arrived}
+
+    def arrivals(self, stage: str, sizes: Mapping[int, int]) -> list[int]:
+        """The senders whose message of `sizes[sender]` bytes reaches the server in `stage`."""
+        arrived: list[int] = []
         latest = 0.0
         late = False
         rate = self._dropout[stage]
-        for sender in sorted(messages):
+        for sender in sorted(sizes):
             if sender in self.gone:
                 continue
             if rate > 0 and self.rng.random() < rate:
                 self.gone.add(sender)
                 continue
-            delay = self._delay(len(messages[sender]))
+            delay = self._delay(sizes[sender])
             if self.spec is not None and delay > self.spec.timeout:
                 self.gone.add(sender)
                 late = True
                 continue
             latest = max(latest, delay)
-            arrived[sender] = messages[sender]
+            arrived.append(sender)
         waited = self.spec.timeout if late and self.spec is not None else latest
         cost = self._costs.setdefault(stage, [0, 0, 0, 0.0])
         cost[0] += len(arrived)
-        cost[1] += sum(len(m) for m in arrived.values())
+        cost[1] += sum(sizes[c] for c in arrived)
         cost[3] += waited
         return arrived
 

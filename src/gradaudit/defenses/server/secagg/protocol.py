@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gradaudit.defenses import SERVER_DEFENSES
 from gradaudit.defenses.server.base import (
     AggregationAbortedError,
     AggregationProtocol,
@@ -313,17 +314,18 @@ class SecAggClient:
         survivors = _client_list(header, "survivors", where)
         if self.client_id not in survivors:
             raise ProtocolError(f"{where}: the survivors list omits this client")
-        if len(survivors) < self.threshold:
+        total = get_field(header, "total", int, where)
+        if total < max(self.threshold, len(survivors)):
             raise ProtocolError(
-                f"{where}: only {len(survivors)} inputs would be summed; {self.threshold} are "
-                "the least this client accepts"
+                f"{where}: only {total} inputs would be summed; {self.threshold} are the least "
+                "this client accepts"
             )
         if not set(survivors) <= set(self.group):
             raise ProtocolError(f"{where}: the survivors list names clients outside the group")
         self._signed = tuple(survivors)
         return pack(
             self._mine("consistency"),
-            {"survivors": list(survivors), "group": list(self.group)},
+            {"survivors": list(survivors), "group": list(self.group), "total": total},
             signer=self.identity,
         )
 
@@ -577,7 +579,10 @@ class SecAggServer:
         """Stage 4's messages: to each survivor, the members of its group whose input arrived."""
         self.survivors = tuple(sorted(survivors))
         return {
-            c: self._down("consistency", {"survivors": self._in_group(c, self.survivors)})
+            c: self._down(
+                "consistency",
+                {"survivors": self._in_group(c, self.survivors), "total": len(self.survivors)},
+            )
             for c in self.survivors
         }
 
@@ -838,3 +843,13 @@ class SecAgg(AggregationProtocol):
             client_seconds=client_time.seconds,
             server_seconds=server_time.seconds,
         )
+
+
+@SERVER_DEFENSES.register(
+    "secagg",
+    summary="secure aggregation (Bonawitz et al. 2017; SecAgg+ share groups, Bell et al. 2020): "
+    "the server sees only the sum; X25519, Shamir, AES-GCM, AES-CTR masks, 4 bytes per entry",
+    params=SecAggParams,
+)
+def _secagg(params: SecAggParams, context: Any) -> SecAgg:
+    return SecAgg(params, context)
