@@ -199,6 +199,14 @@ def defense_lines(report: dict) -> list[str]:  # type: ignore[type-arg]
         ['defense topk: guarantee none (heuristic)']
     """
     lines = [f"defense {d['kind']}: guarantee {d['guarantee']}" for d in report.get("defenses", [])]
+    cost = report.get("cost") or {}
+    if cost.get("protocol"):
+        lines.append(
+            f"aggregation {cost['protocol']}: {cost.get('aborted_rounds', 0)} round(s) aborted, "
+            f"{cost.get('dropouts_recovered', 0)} dropout(s) recovered, "
+            f"{cost.get('updates_lost', 0)} update(s) lost, "
+            f"{cost.get('bytes_up_per_client', 0):,} bytes up per client per round"
+        )
     privacy = report.get("privacy")
     if privacy:
         eps = privacy["epsilon"]

@@ -178,6 +178,9 @@ def run_audit(
     if capture is None:  # a privacy budget stopped training before the target round
         never_ran = f"training stopped before round {target.round}: {fed.stopped}"
         capture = Capture(target.round, fed.final_state, (), {})
+    aborted = [r.aborted for r in fed.rounds if r.round == target.round and r.aborted]
+    if aborted:  # the aggregation protocol aborted the round: nothing reached the server
+        never_ran = f"the aggregation protocol aborted round {target.round}: {aborted[0]}"
     obs = observe(
         scenario.threat,
         capture,

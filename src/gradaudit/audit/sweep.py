@@ -142,7 +142,7 @@ def summarise_variant(label: str, report: Mapping[str, Any]) -> dict[str, Any]:
     guarantees = [d["guarantee"] for d in report.get("defenses", [])]
     attacks: dict[str, dict[str, Any]] = {}
     for entry in report["attacks"]:
-        name = entry["attack"]
+        name = entry["attack"] + (" (aggregate)" if entry.get("client") == "aggregate" else "")
         while name in attacks:
             name += "'"
         cell: dict[str, Any] = {"status": entry["status"]}
@@ -280,7 +280,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         eps = "—" if row["epsilon"] is None else f"{row['epsilon']:.3g} ({row['delta']:g})"
         cells = [
             row["label"],
-            "DP" if row["epsilon"] is not None else "none (heuristic)" if row["defenses"] else "—",
+            _short_guarantee(row),
             eps,
             f"{row['final_test_accuracy']:.3f}",
             f"{row['bytes_up_per_client']:,}",
@@ -293,3 +293,16 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
                 cells.append(fmt.format(value) if value is not None else missing)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _short_guarantee(row: Mapping[str, Any]) -> str:
+    """The guarantee column: DP (with its ε beside it), the protocol that hides individual
+    updates, heuristic, or none."""
+    from gradaudit.defenses import SERVER_DEFENSES
+
+    protocols = [k for k in row["defenses"] if k in SERVER_DEFENSES]
+    parts = ["DP"] if row["epsilon"] is not None else []
+    parts += [f"{k}: sum only" for k in protocols]
+    if not parts and row["defenses"]:
+        parts = ["none (heuristic)"]
+    return ", ".join(parts) or "—"
