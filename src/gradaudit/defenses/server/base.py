@@ -79,8 +79,9 @@ class SecureSum:
         counts: int64 sum of their count vectors.
         included: clients whose input is in the sum.
         dropped: clients that started the protocol but whose input is not in the sum.
-        recovered: clients that dropped after sending their input, whose input is in the sum
-            anyway (secure aggregation recovers their masks).
+        recovered: clients whose input is in the sum although they did not answer the last
+            stage (they dropped, or refused the server's request): secure aggregation rebuilds
+            their self masks from their neighbours' shares.
         clipped: entries the encoding clipped to its range, over all included inputs.
         stages: traffic per stage.
         client_seconds: compute time of all clients together.
