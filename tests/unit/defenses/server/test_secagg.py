@@ -403,3 +403,23 @@ def test_a_malformed_masked_input_drops_its_sender_and_the_sum_stays_exact(caplo
     fp = FixedPoint(8.0, 6)
     scaled = np.rint(result.values * fp.scale).astype(np.int64)
     assert np.array_equal(scaled, _fixed_sum(fp, contributions, result.included))
+
+
+def test_stragglers_past_the_timeout_count_as_dropped_and_the_server_waits_the_timeout() -> None:
+    spec = NetworkSpec(latency_median=1.0, latency_sigma=1.5, timeout=2.0, bandwidth_mbps=8)
+    network = Network(spec, ("upload",), np.random.default_rng(0))
+    arrived = network.arrivals("upload", dict.fromkeys(range(40), 1_000_000))  # 1 s at 8 Mbit/s
+    assert 0 < len(arrived) < 40
+    assert network.gone == set(range(40)) - set(arrived)
+    (cost,) = network.costs()
+    assert cost.network_seconds == 2.0 and cost.clients == len(arrived)
+    assert cost.bytes_up == 1_000_000 * len(arrived)
+    assert network.arrivals("upload", {c: 10 for c in network.gone}) == []  # gone for the round
+
+
+def test_round_scope_spreads_the_dropout_over_the_stages() -> None:
+    from gradaudit.defenses.server.network import stage_dropout
+
+    rates = stage_dropout(NetworkSpec(dropout=0.3, dropout_scope="round"), STAGES)
+    survive = np.prod([1 - r for r in rates.values()])
+    assert survive == pytest.approx(0.7)
