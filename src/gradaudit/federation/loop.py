@@ -21,6 +21,7 @@ from gradaudit.defenses.server.base import (
     AggregationProtocol,
     Contribution,
     SecureSum,
+    StageCost,
     SumLayout,
 )
 from gradaudit.defenses.server.network import Network
@@ -208,7 +209,8 @@ def run_federation(
     down_bytes = tensor_bytes(state)
     stopped: str | None = None
     weight_unit = float(np.mean([len(c) for c in client_indices])) or 1.0
-    protocol_costs: list[SecureSum] = []
+    stage_log: list[tuple[StageCost, ...]] = []  # per protocol round that produced a sum
+    clipped = 0
     network_seconds: list[float] = []
     for rnd in range(1, spec.rounds + 1):
         sampled = sample_clients(
@@ -290,12 +292,11 @@ def run_federation(
             except AggregationAbortedError as exc:
                 aborted, aggregate, arrived = str(exc), None, []
                 logger.warning("%s", exc)
-                network_seconds.append(sum(c.network_seconds for c in network.costs()))
             else:
                 arrived = [u for u in updates if u.client_id in set(result.included)]
                 recovered = result.recovered
-                protocol_costs.append(result)
-                network_seconds.append(result.network_seconds)
+                stage_log.append(result.stages)
+                clipped += result.clipped
                 client_seconds[-1] += result.client_seconds / len(updates)
                 started -= result.client_seconds  # counted as the clients' time above
         else:
@@ -303,10 +304,11 @@ def run_federation(
             if network is not None and updates:
                 ids = set(network.arrivals("upload", {u.client_id: u.size_bytes for u in updates}))
                 arrived = [u for u in updates if u.client_id in ids]
-                network_seconds.append(sum(c.network_seconds for c in network.costs()))
             aggregate = defenses.aggregate(arrived, info, rng=server_rng)
             if aggregate is None and arrived:
                 aggregate = weighted_mean(arrived)
+        if network is not None and updates:
+            network_seconds.append(sum(c.network_seconds for c in network.costs()))
         lost = tuple(sorted({u.client_id for u in updates} - {u.client_id for u in arrived}))
         if rnd in capture_rounds:
             plans_by_client = {p.client_id: p for p in plans}
@@ -338,8 +340,8 @@ def run_federation(
             on_round(record)
 
     model.load_state_dict(state)
-    stage_costs = _stage_means(protocol_costs)
-    if protocol_costs:  # what the protocol's messages weigh replaces the plain update's size
+    stage_costs = _stage_means(stage_log)
+    if stage_log:  # what the protocol's messages weigh replaces the plain update's size
         up_bytes = [int(sum(v["bytes_up"] for v in stage_costs.values()))]
         down_bytes = int(sum(v["bytes_down"] for v in stage_costs.values()))
     cost = CostRecord(
@@ -349,7 +351,7 @@ def run_federation(
         server_seconds=float(np.mean(server_seconds)) if server_seconds else 0.0,
         stages=stage_costs,
         network_seconds=float(np.mean(network_seconds)) if network_seconds else 0.0,
-        clipped=sum(r.clipped for r in protocol_costs),
+        clipped=clipped,
     )
     return FederationResult(
         state, tuple(records), captures, engine, cost, initial_accuracy, stopped=stopped
@@ -395,11 +397,11 @@ def _secure_aggregate(
     return result, aggregate
 
 
-def _stage_means(results: Sequence[SecureSum]) -> dict[str, dict[str, float]]:
+def _stage_means(rounds: Sequence[tuple[StageCost, ...]]) -> dict[str, dict[str, float]]:
     """Per stage, mean bytes up and down per client that took part in it, over the rounds."""
     out: dict[str, dict[str, float]] = {}
-    for name in dict.fromkeys(s.stage for r in results for s in r.stages):
-        costs = [s for r in results for s in r.stages if s.stage == name]
+    for name in dict.fromkeys(s.stage for stages in rounds for s in stages):
+        costs = [s for stages in rounds for s in stages if s.stage == name]
         clients = sum(s.clients for s in costs) or 1
         out[name] = {
             "bytes_up": sum(s.bytes_up for s in costs) / clients,

@@ -14,15 +14,19 @@ counts per stage.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from gradaudit.errors import GradauditError
 from gradaudit.types import TensorDict, Visibility
+
+if TYPE_CHECKING:
+    from gradaudit.defenses.base import DefenseContext
 
 
 class AggregationAbortedError(GradauditError):
@@ -104,7 +108,7 @@ class SecureSum:
         return sum(s.network_seconds for s in self.stages)
 
 
-class AggregationProtocol:
+class AggregationProtocol(abc.ABC):
     """Base of server-side aggregation protocols (DESIGN.md's ``SecureAggregation``).
 
     Attributes:
@@ -119,6 +123,7 @@ class AggregationProtocol:
     stages: ClassVar[tuple[str, ...]] = ("upload",)
     guarantee: str = ""
 
+    @abc.abstractmethod
     def secure_sum(
         self,
         contributions: Sequence[Contribution],
@@ -138,7 +143,6 @@ class AggregationProtocol:
         Raises:
             AggregationAbortedError: too few clients remain to finish without revealing an input.
         """
-        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """The report's entry: kind, guarantee, visibility, parameters, notes and warnings."""
@@ -155,6 +159,39 @@ class AggregationProtocol:
     def notes(self) -> list[str]:
         """What the user must know about the protocol's trust model."""
         return []
+
+
+def max_cohort(context: DefenseContext) -> int:
+    """The most clients whose inputs one round can sum (fixed cohort, else every client)."""
+    fed = context.federation
+    return int(fed.clients_per_round) if fed.clients_per_round is not None else context.num_clients
+
+
+def check_contributions(
+    contributions: Sequence[Contribution],
+    *,
+    round: int,
+    cohort: int,
+    name: str,
+    limit: int | None = None,
+) -> tuple[int, int]:
+    """(values, counts) per contribution, after checking the round can be summed at all.
+
+    Raises:
+        ValueError: more inputs than `limit` (what the protocol's encoding was sized for, if
+            anything), or contributions of different sizes.
+        AggregationAbortedError: no contribution.
+    """
+    inputs = max(cohort, len(contributions))
+    if limit is not None and inputs > limit:
+        raise ValueError(f"{name} sums at most {limit} inputs, but round {round} has {inputs}")
+    if not contributions:
+        raise AggregationAbortedError(f"round {round}: no client took part in the {name} sum")
+    n_values = contributions[0].values.size
+    n_counts = contributions[0].counts.size
+    if any(c.values.size != n_values or c.counts.size != n_counts for c in contributions):
+        raise ValueError("the clients' contributions differ in size")
+    return n_values, n_counts
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ from gradaudit.defenses.server.base import (
     Contribution,
     ProtocolError,
     SecureSum,
+    check_contributions,
+    max_cohort,
 )
 from gradaudit.types import Visibility
 
@@ -99,12 +101,6 @@ class CkksParams(BaseModel):
         65536, ge=1, description="largest magnitude of an integer statistic one client sends"
     )
     threads: int = Field(1, ge=1, description="TenSEAL threads of each party")
-
-
-def max_cohort(context: DefenseContext) -> int:
-    """The most clients whose inputs one round can sum (fixed cohort, else every client)."""
-    fed = context.federation
-    return int(fed.clients_per_round) if fed.clients_per_round is not None else context.num_clients
 
 
 @dataclass(frozen=True)
@@ -556,17 +552,9 @@ class Ckks(AggregationProtocol):
             AggregationAbortedError: no upload reached the server, or (shared key model) no
                 client remained to decrypt the sum.
         """
-        if max(cohort, len(contributions)) > self.max_cohort:
-            raise ValueError(
-                f"the ckks encoding sums at most {self.max_cohort} inputs, but round {round} "
-                f"has {max(cohort, len(contributions))}"
-            )
-        if not contributions:
-            raise AggregationAbortedError(f"round {round}: no client took part in the ckks sum")
-        n_values = contributions[0].values.size
-        n_counts = contributions[0].counts.size
-        if any(c.values.size != n_values or c.counts.size != n_counts for c in contributions):
-            raise ValueError("the clients' contributions differ in size")
+        n_values, n_counts = check_contributions(
+            contributions, round=round, cohort=cohort, limit=self.max_cohort, name="ckks"
+        )
         columns = self.encoding.columns(n_values, n_counts)
         server_seconds = self._setup()
 

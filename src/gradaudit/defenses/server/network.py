@@ -9,7 +9,7 @@ the scenario's seeded stream and a run reproduces its dropouts exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Network:
     stages: Sequence[str]
     rng: np.random.Generator
     _dropout: dict[str, float] = field(init=False)
-    _costs: dict[str, list[float]] = field(init=False, default_factory=dict)
+    _costs: dict[str, StageCost] = field(init=False, default_factory=dict)
     gone: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
@@ -89,19 +89,21 @@ class Network:
             latest = max(latest, delay)
             arrived.append(sender)
         waited = self.spec.timeout if late and self.spec is not None else latest
-        cost = self._costs.setdefault(stage, [0, 0, 0, 0.0])
-        cost[0] += len(arrived)
-        cost[1] += sum(sizes[c] for c in arrived)
-        cost[3] += waited
+        self._add(
+            stage,
+            clients=len(arrived),
+            bytes_up=sum(sizes[c] for c in arrived),
+            network_seconds=waited,
+        )
         return arrived
 
     def send_down(self, stage: str, messages: Mapping[int, bytes]) -> dict[int, bytes]:
         """The server's messages of `stage` to clients still reachable (counted as bytes down)."""
         reached = {c: m for c, m in messages.items() if c not in self.gone}
-        cost = self._costs.setdefault(stage, [0, 0, 0, 0.0])
-        cost[2] += sum(len(m) for m in reached.values())
+        waited = 0.0
         if self.spec is not None and reached:
-            cost[3] += max(self._delay(len(m)) for m in reached.values())
+            waited = max(self._delay(len(m)) for m in reached.values())
+        self._add(stage, bytes_down=sum(len(m) for m in reached.values()), network_seconds=waited)
         return reached
 
     def alive(self, clients: Sequence[int]) -> list[int]:
@@ -110,11 +112,12 @@ class Network:
 
     def costs(self) -> tuple[StageCost, ...]:
         """Traffic and waiting per stage so far, in the protocol's stage order."""
-        return tuple(
-            StageCost(s, int(c[0]), int(c[1]), int(c[2]), float(c[3]))
-            for s in self.stages
-            if (c := self._costs.get(s)) is not None
-        )
+        return tuple(self._costs[s] for s in self.stages if s in self._costs)
+
+    def _add(self, stage: str, **amounts: float) -> None:
+        """Add `amounts` (StageCost fields) to `stage`'s tally."""
+        old = self._costs.get(stage, StageCost(stage, 0, 0, 0))
+        self._costs[stage] = replace(old, **{k: getattr(old, k) + v for k, v in amounts.items()})
 
     def _delay(self, size: int) -> float:
         spec = self.spec

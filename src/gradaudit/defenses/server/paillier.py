@@ -44,6 +44,8 @@ from gradaudit.defenses.server.base import (
     Contribution,
     ProtocolError,
     SecureSum,
+    check_contributions,
+    max_cohort,
 )
 from gradaudit.types import Visibility
 
@@ -111,12 +113,6 @@ def encode_signed(public_key: paillier.PaillierPublicKey, value: int) -> int:
 def decode_signed(public_key: paillier.PaillierPublicKey, plaintext: int) -> int:
     """The signed integer a plaintext stands for (above n / 2: negative)."""
     return plaintext - public_key.n if plaintext > public_key.n // 2 else plaintext
-
-
-def max_cohort(context: DefenseContext) -> int:
-    """The most clients whose inputs one round can sum (fixed cohort, else every client)."""
-    fed = context.federation
-    return int(fed.clients_per_round) if fed.clients_per_round is not None else context.num_clients
 
 
 class _KeyAuthority:
@@ -251,17 +247,9 @@ class Paillier(AggregationProtocol):
             ProtocolError: a message is malformed.
             AggregationAbortedError: no upload reached the server.
         """
-        if max(cohort, len(contributions)) > self.max_cohort:
-            raise ValueError(
-                f"paillier sums at most {self.max_cohort} inputs, but round {round} has "
-                f"{max(cohort, len(contributions))}"
-            )
-        if not contributions:
-            raise AggregationAbortedError(f"round {round}: no client took part in the sum")
-        n_values = contributions[0].values.size
-        n_counts = contributions[0].counts.size
-        if any(c.values.size != n_values or c.counts.size != n_counts for c in contributions):
-            raise ValueError("the clients' contributions differ in size")
+        n_values, n_counts = check_contributions(
+            contributions, round=round, cohort=cohort, limit=self.max_cohort, name="paillier"
+        )
         server_seconds = self._setup()
         pub = self.public_key
         assert pub is not None

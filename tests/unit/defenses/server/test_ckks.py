@@ -9,8 +9,9 @@ import pytest
 import tenseal as ts
 from pydantic import ValidationError
 from torch import nn
+from upload_doubles import Tamper, upload_network
 
-from gradaudit.config import FederationSpec, NetworkSpec
+from gradaudit.config import FederationSpec
 from gradaudit.defenses import SERVER_DEFENSES
 from gradaudit.defenses.base import DefenseContext
 from gradaudit.defenses.server.base import AggregationAbortedError, Contribution, ProtocolError
@@ -22,15 +23,9 @@ from gradaudit.defenses.server.ckks import (
     check_tensor_bytes,
     unframe,
 )
-from gradaudit.defenses.server.network import Network
 from gradaudit.types import TaskInfo, Visibility
 
 TASK = TaskInfo("toy", "tabular", (2,), 2, None, ("a", "b"))
-
-
-def _network(dropout: float = 0.0, seed: int = 0) -> Network:
-    spec = NetworkSpec(dropout=dropout) if dropout else None
-    return Network(spec, ("upload",), np.random.default_rng(seed))
 
 
 def _contributions(clients: int, size: int, seed: int = 0, std: float = 0.05):
@@ -47,24 +42,6 @@ def _sums(contributions, included):
     return values, counts
 
 
-class _Tamper:
-    """A reliable network that rewrites one client's upload on its way."""
-
-    def __init__(self, client: int, change) -> None:
-        self.inner = _network()
-        self.client = client
-        self.change = change
-
-    def deliver(self, stage, messages):
-        arrived = self.inner.deliver(stage, messages)
-        if self.client in arrived:
-            arrived[self.client] = self.change(arrived[self.client])
-        return arrived
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture(scope="module")
 def authority() -> Ckks:
     return Ckks(CkksParams(), max_cohort=50)
@@ -75,7 +52,7 @@ def test_sum_of_50_clients_is_within_1e6_and_counts_are_exact(authority: Ckks) -
     contributions = _contributions(50, 20_000)
 
     # Act
-    result = authority.secure_sum(contributions, round=1, cohort=50, network=_network())
+    result = authority.secure_sum(contributions, round=1, cohort=50, network=upload_network())
 
     # Assert: the CKKS noise stays below the issue's bound; the counts are exact
     values, counts = _sums(contributions, result.included)
@@ -99,7 +76,7 @@ def test_values_beyond_the_range_are_clipped_and_counted() -> None:
     contributions[0] = Contribution(0, wild, np.array([7]))
 
     # Act
-    result = protocol.secure_sum(contributions, round=1, cohort=3, network=_network())
+    result = protocol.secure_sum(contributions, round=1, cohort=3, network=upload_network())
 
     # Assert: the sum is that of the clipped inputs, and the clipped entries are counted
     clipped = sum(np.clip(c.values, -1.0, 1.0) for c in contributions)
@@ -116,7 +93,7 @@ def test_the_sum_covers_exactly_the_included_clients_under_dropouts(key_model: s
     contributions = _contributions(20, 3000, seed=2)
 
     # Act
-    result = protocol.secure_sum(contributions, round=4, cohort=20, network=_network(0.3))
+    result = protocol.secure_sum(contributions, round=4, cohort=20, network=upload_network(0.3))
 
     # Assert: some dropped, and the sum is the included clients' only
     assert result.dropped and result.included
@@ -149,7 +126,7 @@ def test_under_the_shared_model_every_client_holds_the_secret_key() -> None:
     contributions = _contributions(4, 1000, seed=3)
 
     # Act
-    result = protocol.secure_sum(contributions, round=1, cohort=4, network=_network())
+    result = protocol.secure_sum(contributions, round=1, cohort=4, network=upload_network())
     message, _ = protocol.encrypt(contributions[1], round=1)
     stolen = ts.ckks_tensor_from(protocol.client_context, unframe(message, round=1, client=1))
 
@@ -184,7 +161,7 @@ def test_a_malformed_upload_is_a_protocol_error_naming_the_client(change, reason
 
     # Act / Assert
     with pytest.raises(ProtocolError, match=rf"client 3, stage 'upload': .*{reason}"):
-        protocol.secure_sum(contributions, round=1, cohort=5, network=_Tamper(3, change))
+        protocol.secure_sum(contributions, round=1, cohort=5, network=Tamper(3, change))
 
 
 def test_random_corruption_never_crashes_the_server() -> None:
@@ -209,7 +186,7 @@ def test_random_corruption_never_crashes_the_server() -> None:
     outcomes = set()
     for round in range(1, 31):
         try:
-            protocol.secure_sum(contributions, round=round, cohort=2, network=_Tamper(1, corrupt))
+            protocol.secure_sum(contributions, round=round, cohort=2, network=Tamper(1, corrupt))
             outcomes.add("undetected")
         except ProtocolError as exc:  # the client when its message is refused, else the sum
             assert "stage 'upload'" in str(exc)
@@ -219,7 +196,7 @@ def test_random_corruption_never_crashes_the_server() -> None:
 
 def test_no_upload_arriving_aborts_the_round() -> None:
     # Prepare: a network on which every upload is lost
-    class Lossy(_Tamper):
+    class Lossy(Tamper):
         def deliver(self, stage, messages):
             return {}
 
@@ -244,7 +221,7 @@ def test_ciphertext_expansion_of_the_default_encoding_is_at_most_8x_float32(
 
 
 def test_expansion_and_encoding_are_reported(authority: Ckks) -> None:
-    authority.secure_sum(_contributions(2, 20_000), round=2, cohort=2, network=_network())
+    authority.secure_sum(_contributions(2, 20_000), round=2, cohort=2, network=upload_network())
     entry = authority.describe()
     assert entry["kind"] == "ckks" and entry["visibility"] == "aggregate_only"
     assert entry["encoding"]["coeff_mod_bit_sizes"] == [49, 49]
@@ -289,7 +266,7 @@ def test_a_statistic_beyond_max_count_or_a_nan_is_refused() -> None:
 def test_more_inputs_than_the_encoding_holds_are_refused() -> None:
     protocol = Ckks(CkksParams(), max_cohort=2)
     with pytest.raises(ValueError, match="sums at most 2 inputs"):
-        protocol.secure_sum(_contributions(3, 10), round=1, cohort=3, network=_network())
+        protocol.secure_sum(_contributions(3, 10), round=1, cohort=3, network=upload_network())
 
 
 def test_check_tensor_bytes_accepts_a_tensor_and_refuses_the_empty_message() -> None:

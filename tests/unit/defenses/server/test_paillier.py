@@ -10,12 +10,12 @@ import pytest
 from phe import paillier
 from pydantic import ValidationError
 from torch import nn
+from upload_doubles import Tamper, upload_network
 
-from gradaudit.config import FederationSpec, NetworkSpec
+from gradaudit.config import FederationSpec
 from gradaudit.defenses import SERVER_DEFENSES
 from gradaudit.defenses.base import DefenseContext
 from gradaudit.defenses.server.base import AggregationAbortedError, Contribution, ProtocolError
-from gradaudit.defenses.server.network import Network
 from gradaudit.defenses.server.paillier import (
     Paillier,
     PaillierParams,
@@ -27,11 +27,6 @@ from gradaudit.defenses.server.paillier import (
 from gradaudit.types import TaskInfo, Visibility
 
 TASK = TaskInfo("toy", "tabular", (2,), 2, None, ("a", "b"))
-
-
-def _network(dropout: float = 0.0) -> Network:
-    spec = NetworkSpec(dropout=dropout) if dropout else None
-    return Network(spec, ("upload",), np.random.default_rng(0))
 
 
 def _contributions(clients: int, size: int = 50, seed: int = 0):
@@ -52,24 +47,6 @@ def _textbook_decrypt(p: int, q: int, c: int) -> int:
     lam = math.lcm(p - 1, q - 1)
     mu = pow((pow(n + 1, lam, n * n) - 1) // n, -1, n)
     return (pow(c, lam, n * n) - 1) // n * mu % n
-
-
-class _Tamper:
-    """A reliable network that rewrites one client's upload on its way."""
-
-    def __init__(self, client: int, change) -> None:
-        self.inner = _network()
-        self.client = client
-        self.change = change
-
-    def deliver(self, stage, messages):
-        arrived = self.inner.deliver(stage, messages)
-        if self.client in arrived:
-            arrived[self.client] = self.change(arrived[self.client])
-        return arrived
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +85,7 @@ def test_the_product_of_ciphertexts_decrypts_to_the_sum_by_the_definition() -> N
 
 def test_paillier_sum_adds_signed_integers(protocol: Paillier) -> None:
     # Prepare
-    protocol.secure_sum(_contributions(1), round=99, cohort=1, network=_network())
+    protocol.secure_sum(_contributions(1), round=99, cohort=1, network=upload_network())
     pub = protocol.public_key
     numbers = [123_456_789, -42, 0, 2**62, -(2**40)]
 
@@ -124,7 +101,7 @@ def test_sum_of_counts_is_exact_and_values_are_summed_in_the_clear(protocol: Pai
     contributions = _contributions(6, size=200)
 
     # Act
-    result = protocol.secure_sum(contributions, round=1, cohort=6, network=_network())
+    result = protocol.secure_sum(contributions, round=1, cohort=6, network=upload_network())
 
     # Assert
     assert result.included == tuple(range(6))
@@ -138,7 +115,7 @@ def test_sum_of_counts_is_exact_and_values_are_summed_in_the_clear(protocol: Pai
 
 def test_dropouts_leave_only_the_included_clients_in_the_sum(protocol: Paillier) -> None:
     contributions = _contributions(12, seed=5)
-    result = protocol.secure_sum(contributions, round=2, cohort=12, network=_network(0.3))
+    result = protocol.secure_sum(contributions, round=2, cohort=12, network=upload_network(0.3))
     assert result.dropped and sorted(result.included + result.dropped) == list(range(12))
     kept = [c for c in contributions if c.client_id in result.included]
     assert result.counts.tolist() == sum(c.counts for c in kept).tolist()
@@ -146,7 +123,7 @@ def test_dropouts_leave_only_the_included_clients_in_the_sum(protocol: Paillier)
 
 def test_a_wrong_key_does_not_decrypt_the_sum(protocol: Paillier) -> None:
     # Prepare: the server's product of two clients' encrypted counts, and another key pair
-    protocol.secure_sum(_contributions(1), round=98, cohort=1, network=_network())
+    protocol.secure_sum(_contributions(1), round=98, cohort=1, network=upload_network())
     pub = protocol.public_key
     c = paillier_sum(pub, [pub.raw_encrypt(1000), pub.raw_encrypt(234)])
     other_pub, other_priv = paillier.generate_paillier_keypair(n_length=1024)
@@ -179,7 +156,7 @@ def test_a_malformed_upload_is_a_protocol_error_naming_the_client(
     protocol: Paillier, change: str, reason: str
 ) -> None:
     # Prepare: client 2's upload (50 values, 3 ciphertexts) is rewritten on its way
-    protocol.secure_sum(_contributions(1), round=97, cohort=1, network=_network())
+    protocol.secure_sum(_contributions(1), round=97, cohort=1, network=upload_network())
     pub = protocol.public_key
     width = ciphertext_width(pub)
 
@@ -202,11 +179,11 @@ def test_a_malformed_upload_is_a_protocol_error_naming_the_client(
 
     # Act / Assert
     with pytest.raises(ProtocolError, match=rf"client 2, stage 'upload': .*{reason}"):
-        protocol.secure_sum(_contributions(4), round=3, cohort=4, network=_Tamper(2, rewrite))
+        protocol.secure_sum(_contributions(4), round=3, cohort=4, network=Tamper(2, rewrite))
 
 
 def test_no_upload_arriving_aborts_the_round(protocol: Paillier) -> None:
-    class Lossy(_Tamper):
+    class Lossy(Tamper):
         def deliver(self, stage, messages):
             return {}
 

@@ -63,6 +63,7 @@ from gradaudit.defenses.server.base import (
     Contribution,
     ProtocolError,
     SecureSum,
+    check_contributions,
 )
 from gradaudit.defenses.server.fixedpoint import FixedPoint
 from gradaudit.defenses.server.secagg import shamir
@@ -73,6 +74,7 @@ from gradaudit.defenses.server.secagg.wire import (
     hex_field,
     pack,
     pack_list,
+    peek_sender,
     unpack,
     unpack_list,
 )
@@ -229,7 +231,7 @@ class SecAggClient:
         _, body = unpack(roster, expect)
         where = expect.where()
         for advert in unpack_list(body, where):
-            sender = _peek_sender(advert, where)
+            sender = peek_sender(advert, where)
             if sender not in self.group or sender in self._roster:
                 raise ProtocolError(f"{where}: client {sender} is not a (new) neighbour")
             key = self.directory.get(sender)
@@ -349,7 +351,7 @@ class SecAggClient:
         signers: set[int] = set()
         group = set(self.group)
         for signed in unpack_list(body, where):
-            sender = _peek_sender(signed, where)
+            sender = peek_sender(signed, where)
             key = self.directory.get(sender)
             if sender not in survivors or sender in signers or key is None:
                 continue
@@ -410,19 +412,6 @@ class SecAggClient:
             )
         except (KeyError, ValueError) as exc:
             raise ProtocolError(f"{where}: client {u}'s share is malformed ({exc})") from None
-
-
-def _peek_sender(message: bytes, where: str) -> int:
-    """The sender a relayed message claims (for routing; `unpack` then checks it)."""
-    try:
-        start = 10
-        head_len = int.from_bytes(message[6:10], "big")
-        sender = json.loads(message[start : start + head_len]).get("sender")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        raise ProtocolError(f"{where}: a relayed message is malformed") from None
-    if not isinstance(sender, int) or isinstance(sender, bool):
-        raise ProtocolError(f"{where}: a relayed message names no sender")
-    return sender
 
 
 def _int_key(text: str, where: str) -> int:
@@ -758,9 +747,8 @@ class SecAgg(AggregationProtocol):
         network: Any,
     ) -> SecureSum:
         """One protocol round over `contributions` through `network` (see the module doc)."""
+        n, n_counts = check_contributions(contributions, round=round, cohort=cohort, name="secagg")
         by_client = {c.client_id: c for c in contributions}
-        if not by_client:
-            raise AggregationAbortedError(f"round {round}: no client update to aggregate")
         fixed = FixedPoint(
             self.params.clipping_range, max(cohort, len(by_client)), self.params.bits
         )
@@ -774,8 +762,7 @@ class SecAgg(AggregationProtocol):
             )
         session = os.urandom(16)
         directory = {c: self.identity(c).public_key() for c in by_client}
-        first = next(iter(by_client.values()))
-        entries = first.values.size + first.counts.size + 1
+        entries = n + n_counts + 1  # values, counts and the clipped count
         server = SecAggServer(groups, threshold, fixed, entries, directory, session, round)
         clients = {
             c: SecAggClient(c, self.identity(c), directory, k.values, k.counts)
@@ -828,7 +815,6 @@ class SecAgg(AggregationProtocol):
             raise
         finally:
             self.rounds_run += 1
-        n = first.values.size
         signed = fixed.signed(total[n:])
         values = server_time.run(fixed.decode, total[:n])
         survivors = server.survivors

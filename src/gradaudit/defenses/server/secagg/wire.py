@@ -134,6 +134,24 @@ def unpack(
     return header, view[body_start : body_start + body_len]
 
 
+def peek_sender(message: bytes, where: str) -> int:
+    """The sender a relayed message claims, read without checks (to pick the key that
+    :func:`unpack` then verifies it with).
+
+    Raises:
+        ProtocolError: the message is too malformed to name a sender.
+    """
+    try:
+        _, _, _, head_len = _PREFIX.unpack_from(message)
+        start = _PREFIX.size
+        sender = json.loads(message[start : start + head_len]).get("sender")
+    except (struct.error, ValueError, AttributeError, UnicodeDecodeError):
+        raise ProtocolError(f"{where}: a relayed message is malformed") from None
+    if not isinstance(sender, int) or isinstance(sender, bool):
+        raise ProtocolError(f"{where}: a relayed message names no sender")
+    return sender
+
+
 def pack_list(items: list[bytes]) -> bytes:
     """Length-prefixed concatenation of `items` (relayed messages)."""
     return b"".join(struct.pack(">I", len(i)) + i for i in items)
