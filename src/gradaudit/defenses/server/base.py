@@ -194,6 +194,40 @@ def check_contributions(
     return n_values, n_counts
 
 
+def provision(
+    network: Any, stage: str, material: bytes, clients: Sequence[int], provisioned: set[int]
+) -> None:
+    """Send `material` (a public key) to each of `clients` not yet in `provisioned`, once;
+    those it reached join `provisioned`."""
+    new = {c: material for c in clients if c not in provisioned}
+    if new:
+        provisioned |= set(network.send_down(stage, new))
+
+
+def collect_uploads(
+    network: Any,
+    stage: str,
+    uploads: Mapping[int, bytes],
+    *,
+    round: int,
+    name: str,
+) -> tuple[dict[int, bytes], tuple[int, ...], tuple[int, ...]]:
+    """(the uploads that arrived, their senders, the senders whose upload was lost).
+
+    Raises:
+        AggregationAbortedError: no upload arrived, so there is no sum.
+    """
+    arrived = network.deliver(stage, uploads)
+    included = tuple(sorted(arrived))
+    dropped = tuple(sorted(set(uploads) - set(arrived)))
+    if not included:
+        raise AggregationAbortedError(
+            f"round {round}: no client's {name} upload reached the server "
+            f"({len(dropped)} dropped), so there is no sum"
+        )
+    return arrived, included, dropped
+
+
 @dataclass(frozen=True)
 class SumLayout:
     """How a client's summand tensors and count statistics become flat vectors, and back.

@@ -56,7 +56,9 @@ from gradaudit.defenses.server.base import (
     ProtocolError,
     SecureSum,
     check_contributions,
+    collect_uploads,
     max_cohort,
+    provision,
 )
 from gradaudit.types import Visibility
 
@@ -558,10 +560,9 @@ class Ckks(AggregationProtocol):
         columns = self.encoding.columns(n_values, n_counts)
         server_seconds = self._setup()
 
-        new = {c.client_id: self.client_material for c in contributions}
-        new = {cid: m for cid, m in new.items() if cid not in self._provisioned}
-        if self.params.key_model == "authority" and new:
-            self._provisioned |= set(network.send_down(_STAGE, new))
+        if self.params.key_model == "authority":
+            ids = [c.client_id for c in contributions]
+            provision(network, _STAGE, self.client_material, ids, self._provisioned)
 
         client_seconds = 0.0
         uploads: dict[int, bytes] = {}
@@ -576,15 +577,10 @@ class Ckks(AggregationProtocol):
             sizes = sum(len(m) for m in uploads.values())
             self.expansion = sizes / (4 * n_values * len(uploads))
 
-        arrived = network.deliver(_STAGE, uploads)
+        arrived, included, dropped = collect_uploads(
+            network, _STAGE, uploads, round=round, name="ckks"
+        )
         del uploads
-        included = tuple(sorted(arrived))
-        dropped = tuple(sorted({c.client_id for c in contributions} - set(arrived)))
-        if not included:
-            raise AggregationAbortedError(
-                f"round {round}: no client's ckks upload reached the server "
-                f"({len(dropped)} dropped), so there is no sum"
-            )
 
         start = time.perf_counter()
         total = None

@@ -39,13 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradaudit.defenses import SERVER_DEFENSES
 from gradaudit.defenses.base import DefenseContext
 from gradaudit.defenses.server.base import (
-    AggregationAbortedError,
     AggregationProtocol,
     Contribution,
     ProtocolError,
     SecureSum,
     check_contributions,
+    collect_uploads,
     max_cohort,
+    provision,
 )
 from gradaudit.types import Visibility
 
@@ -254,10 +255,8 @@ class Paillier(AggregationProtocol):
         pub = self.public_key
         assert pub is not None
 
-        new = {c.client_id: self.key_bytes for c in contributions}
-        new = {cid: key for cid, key in new.items() if cid not in self._provisioned}
-        if new:
-            self._provisioned |= set(network.send_down(_STAGE, new))
+        ids = [c.client_id for c in contributions]
+        provision(network, _STAGE, self.key_bytes, ids, self._provisioned)
 
         client_seconds = 0.0
         uploads: dict[int, bytes] = {}
@@ -266,14 +265,9 @@ class Paillier(AggregationProtocol):
             uploads[contribution.client_id] = self.encode(contribution, round=round)
             client_seconds += time.perf_counter() - start
 
-        arrived = network.deliver(_STAGE, uploads)
-        included = tuple(sorted(arrived))
-        dropped = tuple(sorted({c.client_id for c in contributions} - set(arrived)))
-        if not included:
-            raise AggregationAbortedError(
-                f"round {round}: no client's paillier upload reached the server "
-                f"({len(dropped)} dropped), so there is no sum"
-            )
+        arrived, included, dropped = collect_uploads(
+            network, _STAGE, uploads, round=round, name="paillier"
+        )
 
         start = time.perf_counter()
         values = np.zeros(n_values)
