@@ -135,6 +135,19 @@ class TargetSpec(Spec):
     client: int = Field(0, ge=0)
 
 
+class CandidatesSpec(Spec):
+    """The records a membership attack is shown (``threat.challenge``).
+
+    Members are the target client's training records (all of them, or a random `members` of
+    them); non-members are records of the held-out test split, as many as the members unless
+    `non_members` says otherwise. Every membership attack of a scenario is scored on the same
+    candidates.
+    """
+
+    members: int | None = Field(None, ge=1, description="cap on the members tested")
+    non_members: int | None = Field(None, ge=1, description="held-out records tested")
+
+
 class ThreatSpec(Spec):
     """Who the adversary is, how it behaves, and what side information it has."""
 
@@ -147,6 +160,7 @@ class ThreatSpec(Spec):
     """Side information granted. ``public_data``: labelled examples from the task's distribution
     that no client trains on (the dataset's held-out test split), e.g. for a generative prior."""
     target: TargetSpec = TargetSpec()
+    candidates: CandidatesSpec = CandidatesSpec()
     keep_threshold: float = Field(
         0.75,
         ge=-1,

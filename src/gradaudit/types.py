@@ -151,7 +151,14 @@ class Observation:
         updates: the individual updates the adversary sees (empty when it sees only the aggregate).
         aggregate: the aggregated update, when the adversary sees it.
         side_info: only what the threat model grants, e.g. ``{"labels": tensor, "batch_size": 8}``.
+            An inference attack also finds its question here: ``side_info["candidates"]`` holds
+            the records it must decide about (see `threat.challenge`).
         task: public facts about the task (input shape, normalisation, number of classes).
+        initial_params: the model the federation started from (the server chose it).
+        final_params: the model after the last round (the server computed it), when the attack
+            may use it; None for attacks on one round.
+        history: for attacks that combine rounds, what the same adversary saw in each captured
+            round, oldest first (this round included); empty otherwise.
     """
 
     round: int
@@ -161,6 +168,9 @@ class Observation:
     aggregate: TensorDict | None
     side_info: Mapping[str, object]
     task: TaskInfo
+    initial_params: TensorDict | None = None
+    final_params: TensorDict | None = None
+    history: tuple[Observation, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "side_info", MappingProxyType(dict(self.side_info)))
@@ -181,11 +191,16 @@ class Reconstruction:
         images: reconstructed inputs in pixel space [0, 1], (N, C, H, W), or None.
         labels: recovered labels as a multiset (order carries no meaning), or None.
         confidence: per reconstructed input, the attacker's own confidence (higher is surer).
+        scores: an inference attack's answer, float64, one row per candidate in the order of
+            ``side_info["candidates"]``: shape (N,) for a yes/no question (higher means "member",
+            "has the property"), (N, K) for a choice among K answers (a score per source client
+            or attribute value; higher is likelier).
     """
 
     images: Tensor | None = None
     labels: Tensor | None = None
     confidence: Tensor | None = None
+    scores: Tensor | None = None
 
 
 @dataclass(frozen=True)

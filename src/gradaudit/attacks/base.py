@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -15,12 +15,21 @@ from gradaudit.types import AttackResult, ClientUpdate, Observation
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(done, total)`` during long attacks."""
 
+Question = Literal["membership", "source", "attribute", "property"]
+"""What an inference attack answers about the candidate records (see `threat.challenge`)."""
+
 
 @runtime_checkable
 class Attack(Protocol):
     """An adversary's algorithm: it gets an Observation (and the architecture) and nothing else."""
 
     name: ClassVar[str]
+    question: ClassVar[Question | None]
+    """None for an attack that reconstructs; else the inference question it answers, for which
+    the runner puts the candidate records into ``side_info["candidates"]`` and scores the
+    returned ``Reconstruction.scores``."""
+    needs_history: ClassVar[bool]
+    """Whether the attack reads ``Observation.history`` (every round, not only the target's)."""
 
     def applicable(self, obs: Observation) -> str | None:
         """None when the attack can run on `obs`, else the reason it cannot."""
@@ -36,6 +45,13 @@ class Attack(Protocol):
     ) -> AttackResult:
         """Attack the observation. `model` is the architecture; its weights are not meaningful."""
         ...
+
+
+class Reconstructs:
+    """Base of the attacks that reconstruct the target's examples (they answer no question)."""
+
+    question: ClassVar[Question | None] = None
+    needs_history: ClassVar[bool] = False
 
 
 def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gradaudit.attacks.base import (
     ProgressFn,
+    Reconstructs,
     attacker_model,
     checked_update,
     client_trains_batchnorm,
@@ -240,7 +241,7 @@ class LabelRecoveryParams(BaseModel):
     )
 
 
-class LabelRecoveryAttack:
+class LabelRecoveryAttack(Reconstructs):
     """Recover the labels of the target client's examples from its update.
 
     Batch 1: iDLG (Zhao et al. 2020), exact for softmax cross-entropy. Batches: label counts,

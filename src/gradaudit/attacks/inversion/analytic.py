@@ -11,6 +11,7 @@ from torch import nn
 
 from gradaudit.attacks.base import (
     ProgressFn,
+    Reconstructs,
     attacker_model,
     checked_update,
     gradient_estimate,
@@ -46,7 +47,7 @@ def _withheld_layer_reason(update: ClientUpdate, model: nn.Module, layer: str) -
     )
 
 
-class AnalyticAttack:
+class AnalyticAttack(Reconstructs):
     """Recover the input of a model whose first layer is fully connected, exactly, at batch 1.
 
     For one example, ``dL/dW1 = (dL/db1) x^T``: every row of the first layer's weight gradient

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gradaudit.attacks.base import (
     ProgressFn,
+    Reconstructs,
     attacker_model,
     checked_update,
     client_trains_batchnorm,
@@ -133,7 +134,7 @@ def _candidate_loss(label_logits: Tensor, fixed_labels: Tensor | None) -> LossFn
     return loss
 
 
-class DLGAttack:
+class DLGAttack(Reconstructs):
     """Reconstruct inputs and labels by matching the gradient in Euclidean distance with L-BFGS.
 
     Dummy inputs and dummy label logits start from noise and are optimised together so that the

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from gradaudit.attacks.base import (
     ProgressFn,
+    Reconstructs,
     attacker_model,
     checked_update,
     client_trains_batchnorm,
@@ -265,7 +266,7 @@ class _MatchingProblem:
         return objective
 
 
-class InvertingGradientsAttack:
+class InvertingGradientsAttack(Reconstructs):
     """Reconstruct the target's images by matching the direction of its gradient.
 
     Minimises ``1 - cos(grad(x), g)`` plus a total-variation prior over candidate images ``x``

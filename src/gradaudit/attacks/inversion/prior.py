@@ -14,6 +14,7 @@ from torch.func import functional_call, vmap
 
 from gradaudit.attacks.base import (
     ProgressFn,
+    Reconstructs,
     checked_update,
     client_trains_batchnorm,
     gradient_estimate,
@@ -153,7 +154,7 @@ class _PriorProblem:
         return self.match.distance(self.norm.normalize(pixels))
 
 
-class PriorInversionAttack:
+class PriorInversionAttack(Reconstructs):
     """Reconstruct the target's images inside the range of a generator trained on public data.
 
     The adversary trains a class-conditional VAE on public data from the task's distribution
