@@ -152,7 +152,11 @@ class ThreatSpec(Spec):
     """Who the adversary is, how it behaves, and what side information it has."""
 
     adversary: Literal["server"] = "server"
-    behaviour: Literal["honest_but_curious"] = "honest_but_curious"
+    behaviour: Literal["honest_but_curious", "malicious"] = Field(
+        "honest_but_curious",
+        description="malicious: the server may also change the model it sends (an attack that "
+        "does so, e.g. membership_active, runs on its own copy of the federation)",
+    )
     knows: tuple[
         Literal["labels", "batch_size", "architecture", "local_hyperparameters", "public_data"],
         ...,
@@ -172,6 +176,22 @@ class ThreatSpec(Spec):
     )
 
 
+class DpAuditSpec(Spec):
+    """An empirical lower bound on epsilon from canaries inserted in one training run.
+
+    Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023;
+    canary clients for client-level DP as in Andrew et al., "One-shot Empirical Privacy
+    Estimation for Federated Learning", ICLR 2024. The audit runs its own copy of the federation
+    with the canaries, so the audited run's numbers are untouched.
+    """
+
+    canaries: int = Field(1000, ge=2, description="canaries, each inserted with probability 1/2")
+    level: Literal["auto", "client", "sample"] = Field(
+        "auto", description="auto: the level of the scenario's DP defense"
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound")
+
+
 class Scenario(Spec):
     """One audit: data, model, federation, defenses, threat model and attacks."""
 
@@ -184,6 +204,7 @@ class Scenario(Spec):
     defenses: DefensesSpec = DefensesSpec()
     threat: ThreatSpec = ThreatSpec()
     attacks: tuple[ComponentSpec, ...] = ()
+    dp_audit: DpAuditSpec | None = None
 
     @model_validator(mode="after")
     def _target_in_range(self) -> Scenario:

@@ -78,9 +78,7 @@ class Challenge:
 
     def __post_init__(self) -> None:
         if len(self.record_ids) != len(self.truth):
-            raise ValueError(
-                f"{len(self.record_ids)} record ids for {len(self.truth)} candidates"
-            )
+            raise ValueError(f"{len(self.record_ids)} record ids for {len(self.truth)} candidates")
 
 
 ChallengeBuilder = Callable[[ChallengeInputs], Challenge]

@@ -169,7 +169,8 @@ def describe_threat(threat: ThreatSpec) -> str:
     """
     who = {
         ("server", "honest_but_curious"): "An honest-but-curious server, which follows the "
-        "protocol but studies what it receives,"
+        "protocol but studies what it receives,",
+        ("server", "malicious"): "A malicious server, which may also change the model it sends,",
     }[(threat.adversary, threat.behaviour)]
     knows = [_KNOWLEDGE_WORDS[k] for k in threat.knows]
     if not knows:
