@@ -12,6 +12,16 @@ from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
+from gradaudit.attacks.membership.passive import (
+    MembershipGradientAttack,
+    MembershipGradientParams,
+    MembershipLossAttack,
+    MembershipLossParams,
+)
+from gradaudit.attacks.membership.temporal import (
+    MembershipTemporalAttack,
+    MembershipTemporalParams,
+)
 from gradaudit.registry import Registry
 
 ATTACKS: Registry[Callable[[BaseModel], Attack]] = Registry("attack")
@@ -44,6 +54,25 @@ ATTACKS.register(
     "then per-image generator fine-tuning (GIAS, Jeon et al. 2021; GGL, Li et al. 2022)",
     params=PriorInversionParams,
 )(PriorInversionAttack)
+
+ATTACKS.register(
+    "membership_loss",
+    summary="membership of candidate records from one update: their loss drop from the global "
+    "to the client's local model (Nasr et al. 2019 passive; Watson et al. 2022 calibration)",
+    params=MembershipLossParams,
+)(MembershipLossAttack)
+ATTACKS.register(
+    "membership_gradient",
+    summary="membership from one update: each record's gradient cosine with the update, or its "
+    "norm at the local model (Nasr et al. 2019 passive)",
+    params=MembershipGradientParams,
+)(MembershipGradientAttack)
+ATTACKS.register(
+    "membership_temporal",
+    summary="membership from every round: the target's loss drop tested against the other "
+    "clients' in each round, combined (FedMIA, Zhu et al. 2024)",
+    params=MembershipTemporalParams,
+)(MembershipTemporalAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:

@@ -106,6 +106,32 @@ def psnr_curve_png(
     return _png(fig)
 
 
+def roc_png(curves: dict[str, Sequence[Sequence[float]]]) -> bytes:
+    """ROC curves of yes/no inference attacks on log–log axes (Carlini et al. 2022), one line per
+    attack, with chance as a dashed diagonal.
+
+    Args:
+        curves: label -> ``[[fpr, tpr], ...]``; points at zero are drawn at the axis' floor.
+    """
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    floor = 1e-4
+    for label, curve in curves.items():
+        fpr = np.maximum([p[0] for p in curve], floor)
+        tpr = np.maximum([p[1] for p in curve], floor)
+        ax.step(fpr, tpr, where="post", label=label)
+    ax.plot([floor, 1], [floor, 1], color="#59636e", linestyle="--", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def tradeoff_png(rows: Sequence[dict], attacks: Sequence[str]) -> bytes:  # type: ignore[type-arg]
     """What each defense buys and costs: attack success against final test accuracy.
 

@@ -12,6 +12,12 @@ IMAGE_HIGH_PSNR = 20.0
 IMAGE_HIGH_SSIM = 0.5
 IMAGE_MEDIUM_PSNR = 15.0
 LABEL_LEAK = 0.9
+MEMBERSHIP_HIGH_TPR = 0.1
+"""TPR at 1 % FPR at which membership inference is a high risk: ten times chance, so the attack
+is confidently right about a tenth of the client's records (Carlini et al. 2022's yardstick)."""
+MEMBERSHIP_MEDIUM_AUC = 0.6
+INFERENCE_GAIN = 0.1
+"""Accuracy above the no-model baseline at which a source or attribute inference is a finding."""
 
 
 def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -33,7 +39,17 @@ def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             findings.append(f"{item['attack']} failed ({where}): {item['reason']}")
             continue
         m = item["metrics"]
-        if "psnr" in m:
+        if "auc" in m:
+            level = max(level, _binary_finding(item, where, findings))
+        elif "gain" in m:
+            if m["gain"] >= INFERENCE_GAIN:
+                level = max(level, 1)
+            findings.append(
+                f"{item['attack']} answered the {item.get('question', 'inference')} question for "
+                f"{m['accuracy']:.0%} of {where}'s candidates, {m['gain']:+.0%} over a guesser "
+                f"that never saw the model ({m['baseline_accuracy']:.0%})."
+            )
+        elif "psnr" in m:
             if m["psnr"] >= IMAGE_HIGH_PSNR or m.get("ssim", 0.0) >= IMAGE_HIGH_SSIM:
                 level = max(level, 2)
                 findings.append(
@@ -63,3 +79,21 @@ def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     f"{item['attack']} recovered {m['label_accuracy']:.0%} of {where}'s labels."
                 )
     return {"level": LEVELS[level], "findings": findings}
+
+
+def _binary_finding(item: Mapping[str, Any], where: str, findings: list[str]) -> int:
+    """Append the finding of a yes/no inference attack; return its level (0, 1 or 2)."""
+    m = item["metrics"]
+    tpr = m.get("tpr_at_fpr_0.01", 0.0)
+    what = "membership of" if item.get("question") == "membership" else "the property of"
+    numbers = f"AUC {m['auc']:.2f}, TPR {tpr:.1%} at 1% FPR"
+    if tpr >= MEMBERSHIP_HIGH_TPR:
+        findings.append(
+            f"{item['attack']} inferred the {what} {where}'s records confidently ({numbers})."
+        )
+        return 2
+    if m["auc"] >= MEMBERSHIP_MEDIUM_AUC:
+        findings.append(f"{item['attack']} inferred the {what} {where}'s records ({numbers}).")
+        return 1
+    findings.append(f"{item['attack']} barely told {where}'s records apart ({numbers}).")
+    return 0

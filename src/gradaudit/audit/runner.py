@@ -8,7 +8,7 @@ import logging
 import platform
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from gradaudit.attacks.base import (
 )
 from gradaudit.attacks.validation import Validation, validate_reconstruction
 from gradaudit.audit import artifacts
+from gradaudit.audit.inference import save_scores, score_inference
 from gradaudit.audit.io import atomic_write_json, read_json
 from gradaudit.audit.risk import assess
 from gradaudit.audit.scoring import (
@@ -50,6 +51,7 @@ from gradaudit.threat import (
     describe_threat,
     observe,
 )
+from gradaudit.threat.challenge import CHALLENGES, Challenge, ChallengeInputs, public_records
 from gradaudit.types import AttackResult, Observation, Visibility
 
 logger = logging.getLogger(__name__)
@@ -160,15 +162,22 @@ def run_audit(
     defenses = build_client_defenses(scenario.defenses.client, context)
     protocol = build_server_protocol(scenario.defenses.server, context)
     visibility = protocol.visibility if protocol is not None else Visibility.INDIVIDUAL
-    hooks.stage("federated training", scenario.federation.rounds)
+    attacks = [
+        build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
+        for index, spec in enumerate(scenario.attacks)
+    ]
     target = scenario.threat.target
+    needs_history = any(a.needs_history for a in attacks)
+    capture_rounds = set(range(1, scenario.federation.rounds + 1)) if needs_history else set()
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooks.stage("federated training", scenario.federation.rounds)
     fed = run_federation(
         model,
         dataset,
         clients,
         scenario.federation,
         seed=seed,
-        capture_rounds={target.round},
+        capture_rounds=capture_rounds | {target.round},
         defenses=defenses,
         protocol=protocol,
         on_round=hooks.round_done,
@@ -181,29 +190,52 @@ def run_audit(
     aborted = [r.aborted for r in fed.rounds if r.round == target.round and r.aborted]
     if aborted:  # the aggregation protocol aborted the round: nothing reached the server
         never_ran = f"the aggregation protocol aborted round {target.round}: {aborted[0]}"
-    obs = observe(
-        scenario.threat,
-        capture,
-        scenario.federation,
-        dataset.info,
-        dataset.y_train,
-        visibility=visibility,
-        public_data=(dataset.x_test, dataset.y_test),  # handed over only if `knows` grants it
+    challenges = build_challenges(
+        [a.question for a in attacks if a.question is not None],
+        ChallengeInputs(scenario, dataset, clients, fed, numpy_rng(seed, "challenge")),
     )
+    public = public_records(
+        dataset, [c for c in challenges.values() if isinstance(c, Challenge)]
+    )  # handed over only if `knows` grants it
+
+    def observe_round(captured: Capture) -> Observation:
+        seen = observe(
+            scenario.threat,
+            captured,
+            scenario.federation,
+            dataset.info,
+            dataset.y_train,
+            visibility=visibility,
+            public_data=public,
+        )
+        return replace(
+            seen,
+            initial_params=initial_state,
+            final_params=fed.final_state,
+            side_info={**seen.side_info, "rounds": len(fed.rounds)},
+        )
+
+    obs = observe_round(capture)
+    history = tuple(observe_round(fed.captures[r]) for r in sorted(fed.captures))
     plan = capture.plans.get(target.client)
     true_idx = torch.as_tensor(plan.used) if plan is not None else torch.zeros(0, dtype=torch.long)
-    views = [(obs, true_idx, "")]
+    views = [(obs, history, true_idx, "")]
     aggregate_obs = (
         aggregate_view(obs, capture, dataset.y_train)
         if visibility is not Visibility.INDIVIDUAL and never_ran is None
         else None
     )
     if aggregate_obs is not None:  # what the aggregate of the included clients leaks
-        views.append((aggregate_obs, aggregate_indices(capture), "_aggregate"))
+        aggregate_history = tuple(
+            view
+            for seen in history
+            if (view := aggregate_view(seen, fed.captures[seen.round], dataset.y_train))
+        )
+        views.append((aggregate_obs, aggregate_history, aggregate_indices(capture), "_aggregate"))
 
     attack_entries: list[dict[str, Any]] = []
-    for index, spec in enumerate(scenario.attacks):
-        for view, indices, suffix in views:
+    for index, (spec, attack) in enumerate(zip(scenario.attacks, attacks, strict=True)):
+        for view, seen_rounds, indices, suffix in views:
             cached = partial / f"attack_{index}{suffix}.json"
             if resume and cached.is_file():
                 entry = read_json(cached, what="cached attack result")
@@ -212,17 +244,23 @@ def run_audit(
                 )
                 attack_entries.append(entry)
                 continue
-            attack = build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")
             on = " on the aggregate" if suffix else ""
             hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}{on}")
-            result = (
-                not_applicable(spec.kind, view, never_ran)
-                if never_ran is not None
-                else _run_one(attack, view, model, torch_generator(seed, "attack", index), hooks)
-            )
-            entry = _scored_entry(
-                result, attack, view, model, index, out_dir, dataset, indices, scenario
-            )
+            challenge = challenges.get(attack.question) if attack.question else None
+            skip = never_ran if never_ran is not None else challenge
+            if isinstance(skip, str):
+                result = not_applicable(spec.kind, view, skip)
+            else:
+                view = _attack_view(view, attack, challenge, seen_rounds)
+                result = _run_one(
+                    attack, view, model, torch_generator(seed, "attack", index), hooks
+                )
+            if isinstance(challenge, Challenge):
+                entry = _inference_entry(result, challenge, index, suffix, out_dir)
+            else:
+                entry = _scored_entry(
+                    result, attack, view, model, index, out_dir, dataset, indices, scenario
+                )
             if suffix:
                 entry["client"] = "aggregate"
                 entry["clients"] = [u.client_id for u in capture.updates]
@@ -311,9 +349,70 @@ def run_audit(
             artifacts.psnr_curve_png(curves, recognisable_db=RECOGNISABLE_PSNR),
         )
         report["artifacts"].append("psnr_curve.png")
+    rocs: dict[str, list[list[float]]] = {}
+    for e in attack_entries:
+        if e.get("roc"):
+            label = f"{e['attack']} (client {e['client']})"
+            rocs[label if label not in rocs else f"{label} #{len(rocs) + 1}"] = e["roc"]
+    if rocs:
+        artifacts.save_png(out_dir / "roc.png", artifacts.roc_png(rocs))
+        report["artifacts"].append("roc.png")
     report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
     write_report(report, out_dir)
     return report
+
+
+def build_challenges(questions: list[str], inputs: ChallengeInputs) -> dict[str, Challenge | str]:
+    """One challenge per distinct question, or the reason it could not be built (its attacks
+    are then reported as not applicable with that reason)."""
+    out: dict[str, Challenge | str] = {}
+    for question in dict.fromkeys(questions):
+        try:
+            out[question] = CHALLENGES.get(question)(inputs)
+        except ValueError as exc:
+            logger.warning("no %s challenge: %s", question, exc)
+            out[question] = f"no {question} question can be asked: {exc}"
+    return out
+
+
+def _attack_view(
+    view: Observation,
+    attack: Attack,
+    challenge: Challenge | None,
+    history: tuple[Observation, ...],
+) -> Observation:
+    """`view` with what this attack asks for: every round's view, the candidate records."""
+    changes: dict[str, Any] = {}
+    if attack.needs_history:
+        changes["history"] = history
+    if challenge is not None:
+        changes["side_info"] = {**view.side_info, "candidates": challenge.public}
+    return replace(view, **changes) if changes else view
+
+
+def _inference_entry(
+    result: AttackResult, challenge: Challenge, index: int, suffix: str, out_dir: Path
+) -> dict[str, Any]:
+    """The report entry of an inference attack, scored on its challenge; the per-record scores
+    are saved beside the report (``scores/attack<index>.csv``)."""
+    entry, _ = _entry(result, index, out_dir, None, torch.zeros(0, dtype=torch.long), ())
+    entry["question"] = challenge.question
+    scores = result.reconstruction.scores
+    if result.status != "ok":
+        return entry
+    if scores is None:
+        entry.update(status="failed", reason="the attack returned no scores")
+        return entry
+    try:
+        scored = score_inference(scores.detach().double().numpy(), challenge)
+    except ValueError as exc:
+        entry.update(status="failed", reason=f"unusable scores: {exc}")
+        return entry
+    entry.update(scored)
+    name = f"scores/attack{index}{suffix}.csv"
+    save_scores(out_dir / name, scores.detach().double().numpy(), challenge)
+    entry["artifacts"].append(name)
+    return entry
 
 
 def privacy_block(

@@ -24,13 +24,29 @@ _METRIC_FORMATS = {
     "keep_recall": ("recall of keeping", "{:.0%}"),
     "confidence_spearman": ("confidence vs PSNR (Spearman)", "{:.2f}"),
     "confidence_kendall": ("confidence vs PSNR (Kendall)", "{:.2f}"),
+    "auc": ("AUC", "{:.3f}"),
+    "tpr_at_fpr_0.01": ("TPR at 1% FPR", "{:.1%}"),
+    "tpr_at_fpr_0.001": ("TPR at 0.1% FPR", "{:.2%}"),
+    "advantage": ("advantage (TPR − FPR)", "{:.3f}"),
+    "balanced_accuracy": ("balanced accuracy", "{:.1%}"),
+    "accuracy": ("accuracy", "{:.1%}"),
+    "baseline_accuracy": ("no-model baseline", "{:.1%}"),
+    "gain": ("gain over the baseline", "{:+.1%}"),
 }
 
 
-def _format_metric(key: str, value: float) -> tuple[str, str]:
+def _format_metric(key: str, value: float, interval: list[float] | None = None) -> tuple[str, str]:
+    """A metric's label and value as shown, with its 95 % interval when there is one.
+
+    Example:
+        >>> _format_metric("auc", 0.6328, [0.57, 0.695])
+        ('AUC', '0.633 [0.570, 0.695]')
+    """
     label, fmt = _METRIC_FORMATS.get(key, (key, "{:.4g}"))
     if key == "labels_exact":
         return label, "yes" if value else "no"
+    if interval is not None:
+        return label, f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
     return label, fmt.format(value)
 
 
@@ -129,12 +145,16 @@ def render_html(out_dir: Path) -> Path:
     env = environment()
     attacks = []
     for item in report["attacks"]:
-        images = [src for src in (_inline(out_dir, a) for a in item.get("artifacts", [])) if src]
+        pngs = [a for a in item.get("artifacts", []) if a.endswith(".png")]
+        images = [src for src in (_inline(out_dir, a) for a in pngs) if src]
         validation = item.get("validation")
         attacks.append(
             {
                 **item,
-                "metric_rows": [_format_metric(k, v) for k, v in item.get("metrics", {}).items()],
+                "metric_rows": [
+                    _format_metric(k, v, item.get("intervals", {}).get(k))
+                    for k, v in item.get("metrics", {}).items()
+                ],
                 "images": images,
                 "validation": validation,
                 "validation_sentence": validation_sentence(validation) if validation else None,
@@ -151,6 +171,7 @@ def render_html(out_dir: Path) -> Path:
             if "convergence.png" in report.get("artifacts", [])
             else None
         ),
+        roc_img=_inline(out_dir, "roc.png") if "roc.png" in report.get("artifacts", []) else None,
         psnr_curve_img=(
             _inline(out_dir, "psnr_curve.png")
             if "psnr_curve.png" in report.get("artifacts", [])

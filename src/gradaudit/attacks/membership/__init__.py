@@ -1,0 +1,1 @@
+"""Membership inference on what the server sees: one update, every round, the final model."""

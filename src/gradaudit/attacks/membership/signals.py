@@ -1,0 +1,124 @@
+"""Per-record signals membership attacks compute from a model and an update.
+
+All losses and cosines are float64: float32 cross-entropies of well-fitted records round to the
+same value near zero, and the low-FPR end of a ROC is exactly where those records sit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradaudit.types import ClientUpdate, Observation, TensorDict
+
+CHUNK = 512
+"""Candidates per forward pass (bounds memory on large candidate sets)."""
+
+
+def candidates(obs: Observation) -> tuple[Tensor, Tensor] | None:
+    """The records the adversary must decide about, from ``side_info["candidates"]``."""
+    entry = obs.side_info.get("candidates")
+    if not isinstance(entry, Mapping) or "x" not in entry or "y" not in entry:
+        return None
+    return entry["x"], entry["y"]  # type: ignore[return-value]
+
+
+def local_lr(obs: Observation) -> float | None:
+    """The clients' local learning rate, when the threat model grants the hyperparameters."""
+    hyper = obs.side_info.get("local_hyperparameters")
+    if isinstance(hyper, Mapping) and hyper.get("lr"):
+        return float(hyper["lr"])
+    return None
+
+
+def local_state(
+    global_params: TensorDict, update: ClientUpdate, lr: float | None
+) -> TensorDict | None:
+    """The client's model after local training, as the server can rebuild it.
+
+    FedAvg: the global model plus the client's delta. FedSGD: one SGD step of the granted
+    learning rate along the client's gradient (None when the rate is not known). Withheld
+    tensors stay at the global values (the server never saw the client's).
+    """
+    sent = set(update.sent_keys)
+    if update.kind == "gradient" and lr is None:
+        return None
+    state: TensorDict = {}
+    for key, value in global_params.items():
+        change = update.tensors.get(key)
+        if change is None or key not in sent:
+            state[key] = value
+        elif update.kind == "gradient":
+            state[key] = value - lr * change if value.is_floating_point() else value
+        else:
+            state[key] = value + change
+    return state
+
+
+def record_losses(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) -> Tensor:
+    """Each record's cross-entropy under `state`, in float64 (eval mode, no gradient)."""
+    was = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), CHUNK):
+            logits = functional_call(model, state, (x[start : start + CHUNK],)).double()
+            out.append(
+                nn.functional.cross_entropy(logits, y[start : start + CHUNK], reduction="none")
+            )
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def gradient_signals(
+    model: nn.Module,
+    state: TensorDict,
+    x: Tensor,
+    y: Tensor,
+    keys: list[str],
+    direction: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Each record's loss-gradient norm over the parameters `keys`, and its cosine with
+    `direction` (a flat vector over the same keys), both float64.
+
+    Per-example gradients with ``torch.func`` (vmap over grad), in eval mode, a chunk at a time
+    so that no (N, P) matrix is kept.
+    """
+    params = {k: state[k].detach() for k in keys}
+    rest = {k: v for k, v in state.items() if k not in params}
+
+    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
+
+    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
+    was = model.training
+    model.eval()
+    norms, cos = [], []
+    for start in range(0, len(x), CHUNK):
+        g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
+        rows = torch.cat([g[k].flatten(1) for k in keys], dim=1).double()
+        norms.append(rows.norm(dim=1))
+        if direction is not None:
+            cos.append(cosines(rows, direction))
+    model.train(was)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (
+        torch.cat(norms) if norms else empty,
+        (torch.cat(cos) if cos else empty) if direction is not None else None,
+    )
+
+
+def flat(tensors: TensorDict, keys: list[str]) -> Tensor:
+    """The tensors at `keys`, flattened into one float64 vector."""
+    return torch.cat([tensors[k].flatten() for k in keys]).double()
+
+
+def cosines(rows: Tensor, direction: Tensor) -> Tensor:
+    """Cosine of each row with `direction` (0 where either is zero)."""
+    norms = rows.norm(dim=1) * direction.norm()
+    dots = rows @ direction
+    return torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
