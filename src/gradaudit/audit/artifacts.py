@@ -132,19 +132,31 @@ def roc_png(curves: dict[str, Sequence[Sequence[float]]]) -> bytes:
     return _png(fig)
 
 
+TRADEOFF_PANELS = (
+    ("psnr", "PSNR of the reconstruction (dB)", 20.0),
+    ("label_accuracy", "label accuracy", None),
+    ("tpr_at_fpr_0.01", "TPR at 1% FPR (inference)", 0.01),
+    ("gain", "gain over the no-model baseline", 0.0),
+)
+"""Metric, axis label and dashed reference line of each panel a sweep plot may show."""
+
+
 def tradeoff_png(rows: Sequence[dict], attacks: Sequence[str]) -> bytes:  # type: ignore[type-arg]
     """What each defense buys and costs: attack success against final test accuracy.
 
-    Left: PSNR of each image attack (dashed: 20 dB, recognisable); right: label accuracy of
-    each attack that recovers labels; both against the final test accuracy, one point per
-    variant, labelled.
+    One panel per metric some attack reports (PSNR of image attacks, dashed at 20 dB,
+    recognisable; label accuracy; TPR at 1 % FPR of yes/no inference, dashed at chance; the
+    gain of source and attribute inference over the no-model baseline), each against the final
+    test accuracy, one labelled point per variant.
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    panels = [
+        panel
+        for panel in TRADEOFF_PANELS
+        if any(panel[0] in row["attacks"].get(a, {}) for row in rows for a in attacks)
+    ] or list(TRADEOFF_PANELS[:2])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
     markers = "osD^v<>ph*"
-    for panel, key, ylabel in (
-        (left, "psnr", "PSNR of the reconstruction (dB)"),
-        (right, "label_accuracy", "label accuracy"),
-    ):
+    for panel, (key, ylabel, reference) in zip(axes[0], panels, strict=True):
         drawn = False
         for j, attack in enumerate(attacks):
             points = [
@@ -164,8 +176,8 @@ def tradeoff_png(rows: Sequence[dict], attacks: Sequence[str]) -> bytes:  # type
             )
             for x, y, text in points:
                 panel.annotate(text, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        if key == "psnr" and drawn:
-            panel.axhline(20.0, color="#59636e", linestyle="--", linewidth=1)
+        if reference is not None and drawn:
+            panel.axhline(reference, color="#59636e", linestyle="--", linewidth=1)
         panel.set_xlabel("final test accuracy")
         panel.set_ylabel(ylabel)
         panel.grid(alpha=0.3)

@@ -45,8 +45,17 @@ from gradaudit.errors import ConfigError, GradauditError
 logger = logging.getLogger(__name__)
 
 SWEEP_SCHEMA = 1
-SUMMARY_METRICS = ("psnr", "ssim", "label_accuracy")
-"""The attack metrics a sweep's table shows."""
+SHOWN_METRICS = (
+    ("psnr", "{:.1f}", "PSNR"),
+    ("ssim", "{:.2f}", "SSIM"),
+    ("label_accuracy", "{:.2f}", "label acc."),
+    ("auc", "{:.3f}", "AUC"),
+    ("tpr_at_fpr_0.01", "{:.3f}", "TPR@1%FPR"),
+    ("accuracy", "{:.2f}", "acc."),
+    ("gain", "{:+.2f}", "gain"),
+)
+"""The attack metrics a sweep's table shows: key, format, column label."""
+SUMMARY_METRICS = tuple(key for key, _, _ in SHOWN_METRICS)
 
 
 class VariantSpec(BaseModel):
@@ -240,6 +249,7 @@ def write_sweep_html(summary: Mapping[str, Any], out_dir: Path) -> Path:
     rows = summary["rows"]
     columns = attack_columns(rows)
     png = artifacts.tradeoff_png(rows, columns)
+    shown = shown_metrics(rows, columns)
     artifacts.save_png(out_dir / "sweep.png", png)
     html = (
         environment()
@@ -247,7 +257,7 @@ def write_sweep_html(summary: Mapping[str, Any], out_dir: Path) -> Path:
         .render(
             summary=summary,
             columns=columns,
-            metrics=SUMMARY_METRICS,
+            shown=shown,
             plot="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
         )
     )
@@ -256,22 +266,25 @@ def write_sweep_html(summary: Mapping[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def markdown_table(summary: Mapping[str, Any]) -> str:
-    """The sweep table as Markdown (for docs/BENCHMARKS.md)."""
-    rows = summary["rows"]
-    columns = attack_columns(rows)
-    shown = {
+def shown_metrics(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> dict[str, list[tuple[str, str, str]]]:
+    """Per attack column, the (key, format, label) of each metric some variant reports."""
+    return {
         name: [
             (key, fmt, label)
-            for key, fmt, label in (
-                ("psnr", "{:.1f}", "PSNR"),
-                ("ssim", "{:.2f}", "SSIM"),
-                ("label_accuracy", "{:.2f}", "label acc."),
-            )
+            for key, fmt, label in SHOWN_METRICS
             if any(key in row["attacks"].get(name, {}) for row in rows)
         ]
         for name in columns
     }
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """The sweep table as Markdown (for docs/BENCHMARKS.md)."""
+    rows = summary["rows"]
+    columns = attack_columns(rows)
+    shown = shown_metrics(rows, columns)
     head = ["variant", "guarantee", "ε (δ)", "test acc.", "bytes up"]
     for name in columns:
         head += [f"{name} {label}" for _, _, label in shown[name]]
