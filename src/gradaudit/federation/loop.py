@@ -15,7 +15,7 @@ from torch import nn
 
 from gradaudit.config import FederationSpec
 from gradaudit.data.base import Dataset
-from gradaudit.defenses.base import DefenseStack, LocalData, RoundInfo
+from gradaudit.defenses.base import DefenseStack, LocalData, LocalTraining, RoundInfo
 from gradaudit.defenses.server.base import (
     AggregationAbortedError,
     AggregationProtocol,
@@ -75,10 +75,13 @@ class Capture:
 
     Attributes:
         round: the round.
-        global_state: the model the server sent at the start of the round.
+        global_state: the model the server sent at the start of the round (its honest global
+            model; a malicious server may have sent some clients another one, see `sent`).
         updates: every update that reached the server (after client-side defenses).
         plans: PRIVATE: which examples each client used. Attacks never see this.
         aggregate: the aggregate the server computed (with any noise a defense added).
+        sent: the clients a malicious server sent a model other than `global_state`, and what
+            it sent them (``run_federation``'s `server_edit`); empty for an honest server.
     """
 
     round: int
@@ -86,6 +89,36 @@ class Capture:
     updates: tuple[ClientUpdate, ...]
     plans: Mapping[int, LocalPlan]
     aggregate: TensorDict | None = None
+    sent: Mapping[int, TensorDict] = field(default_factory=dict)
+
+    def received(self, client: int) -> TensorDict:
+        """The model `client` received this round: its edited one, else the global one."""
+        return self.sent.get(client, self.global_state)
+
+
+ServerEdit = Callable[[int, TensorDict], Mapping[int, TensorDict]]
+"""A malicious server's choice, called as ``edit(round, global_state)`` at the start of every
+round: per client, the model state it sends that client instead of the global one (an empty
+mapping sends everyone the global model)."""
+
+
+@dataclass(frozen=True)
+class CraftedClient:
+    """A client whose update is computed, not trained: a canary of a privacy audit.
+
+    Andrew et al., "One-shot Empirical Privacy Estimation for Federated Learning" (ICLR 2024):
+    a canary client takes part whenever it is sampled, like any client, but sends a crafted
+    update; the client defenses (clipping, noise) and the server's aggregation treat it exactly
+    as a real one.
+
+    Attributes:
+        update: ``update(round, received_state)``: the raw update (keyed like the model's state,
+            before any client defense): a gradient for FedSGD, a model change for FedAvg.
+        num_examples: the example count the client reports (FedAvg weighting).
+    """
+
+    update: Callable[[int, TensorDict], TensorDict]
+    num_examples: int
 
 
 @dataclass(frozen=True)
@@ -170,6 +203,8 @@ def run_federation(
     defenses: DefenseStack | None = None,
     protocol: AggregationProtocol | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    server_edit: ServerEdit | None = None,
+    crafted: Mapping[int, CraftedClient] | None = None,
 ) -> FederationResult:
     """Simulate up to `spec.rounds` rounds of FedSGD or FedAvg on `dataset` split by client.
 
@@ -186,12 +221,26 @@ def run_federation(
         protocol: the server-side aggregation protocol (secure aggregation, homomorphic
             encryption); None sums the updates in the clear.
         on_round: called after every round (for progress display).
+        server_edit: a malicious server: per round, the clients it sends another model than the
+            global one (Nasr, Shokri & Houmansadr, IEEE S&P 2019, active attacks). Those clients
+            train from the model they received; the server still applies the aggregate to its
+            own global model. The captured rounds record what each edited client received
+            (`Capture.sent`). None: an honest server (the run is unchanged bit for bit).
+        crafted: clients (ids into `client_indices`, whose entries are usually empty) that send
+            a computed update instead of training (`CraftedClient`, the canaries of
+            `audit.dp_audit`); they are sampled, dropped, defended and aggregated like the rest.
 
     Returns:
         The final model state, the per-round records, the captured rounds and, when a defense
         stopped training early, its reason.
     """
     defenses = defenses or DefenseStack()
+    crafted = dict(crafted or {})
+    if any(not 0 <= c < len(client_indices) for c in crafted):
+        raise ValueError(
+            f"crafted clients {sorted(crafted)} must be ids below {len(client_indices)} (the "
+            "number of client_indices entries)"
+        )
     engine = choose_engine(model, spec.engine, needs_loop=defenses.needs_loop_engine)
     train = train_clients_vectorised if engine == "vectorised" else train_clients_loop
     param_names = frozenset(name for name, _ in model.named_parameters())
@@ -228,9 +277,12 @@ def run_federation(
         survivors, dropped = drop_clients(
             willing, dropout_rate=spec.dropout_rate, rng=numpy_rng(seed, "dropout", rnd)
         )
+        sent = _edited_states(server_edit, rnd, state, sampled)
         rules = [defenses.local_training(int(c), rnd) for c in survivors]
         plans = [
-            plan_local_batches(
+            LocalPlan(int(c), ())
+            if int(c) in crafted
+            else plan_local_batches(
                 int(c),
                 client_indices[int(c)],
                 algorithm=spec.algorithm,
@@ -243,32 +295,34 @@ def run_federation(
             for c, rule in zip(survivors, rules, strict=True)
         ]
         started = time.perf_counter()
-        dp_sgd = any(r is not None and r.dp_sgd is not None for r in rules)
-        tensors = (
-            train(
-                model,
-                state,
-                x,
-                y,
-                plans,
-                algorithm=spec.algorithm,
-                lr=spec.local.lr,
-                batchnorm=spec.local.batchnorm,
-                rules=rules if any(r is not None for r in rules) else (),
-                generators=[torch_generator(seed, "dp_sgd", rnd, p.client_id) for p in plans]
-                if dp_sgd
-                else (),
-            )
-            if plans
-            else []
+        tensors = _train_round(
+            train,
+            model,
+            state,
+            sent,
+            x,
+            y,
+            [(p, r) for p, r in zip(plans, rules, strict=True) if p.client_id not in crafted],
+            spec=spec,
+            seed=seed,
+            rnd=rnd,
         )
         updates = []
-        for plan, update_tensors in zip(plans, tensors, strict=True):
-            update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, plan.num_examples)
+        for plan in plans:
+            received = sent.get(plan.client_id, state)
+            canary = crafted.get(plan.client_id)
+            if canary is not None:
+                update_tensors = _checked_state(
+                    canary.update(rnd, received), state, what=f"crafted client {plan.client_id}"
+                )
+                count = canary.num_examples
+            else:
+                update_tensors, count = tensors[plan.client_id], plan.num_examples
+            update = ClientUpdate(plan.client_id, rnd, kind, update_tensors, count)
             update = defenses.transform(
                 update,
                 rng_for=functools.partial(_defense_rng, seed, rnd, plan.client_id),
-                local=LocalData(scratch, state, x, y, torch.as_tensor(plan.used)),
+                local=LocalData(scratch, received, x, y, torch.as_tensor(plan.used)),
             )
             updates.append(update)
         if plans:
@@ -312,7 +366,9 @@ def run_federation(
         lost = tuple(sorted({u.client_id for u in updates} - {u.client_id for u in arrived}))
         if rnd in capture_rounds:
             plans_by_client = {p.client_id: p for p in plans}
-            captures[rnd] = Capture(rnd, state, tuple(arrived), plans_by_client, aggregate)
+            captures[rnd] = Capture(
+                rnd, state, tuple(arrived), plans_by_client, aggregate, sent=dict(sent)
+            )
         if aggregate is not None:
             state = apply_aggregate(
                 state, aggregate, kind=kind, lr=spec.local.lr, param_names=param_names
@@ -356,6 +412,95 @@ def run_federation(
     return FederationResult(
         state, tuple(records), captures, engine, cost, initial_accuracy, stopped=stopped
     )
+
+
+def _edited_states(
+    server_edit: ServerEdit | None, rnd: int, state: TensorDict, sampled: np.ndarray
+) -> dict[int, TensorDict]:
+    """The models a malicious server sends the round's sampled clients instead of `state`.
+
+    Raises:
+        ValueError: an edited state is not keyed, shaped and typed like the global one.
+    """
+    if server_edit is None:
+        return {}
+    chosen = {int(c) for c in sampled}
+    edits = server_edit(rnd, {k: v.clone() for k, v in state.items()})
+    return {
+        int(c): _checked_state(s, state, what=f"the state sent to client {c}")
+        for c, s in edits.items()
+        if int(c) in chosen
+    }
+
+
+def _checked_state(
+    tensors: Mapping[str, torch.Tensor], like: TensorDict, *, what: str
+) -> TensorDict:
+    """`tensors` as a detached TensorDict, after checking it matches `like` key for key.
+
+    Raises:
+        ValueError: a key is missing or extra, or a tensor's shape or dtype differs.
+    """
+    if set(tensors) != set(like):
+        missing, extra = sorted(set(like) - set(tensors)), sorted(set(tensors) - set(like))
+        raise ValueError(f"{what}: keys differ from the model's (missing {missing}, extra {extra})")
+    out: TensorDict = {}
+    for key, ref in like.items():
+        value = tensors[key]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(
+                f"{what}: {key} is {tuple(value.shape)} {value.dtype}, the model's is "
+                f"{tuple(ref.shape)} {ref.dtype}"
+            )
+        out[key] = value.detach()
+    return out
+
+
+def _train_round(
+    train: Callable[..., list[TensorDict]],
+    model: nn.Module,
+    state: TensorDict,
+    sent: Mapping[int, TensorDict],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    jobs: Sequence[tuple[LocalPlan, LocalTraining | None]],
+    *,
+    spec: FederationSpec,
+    seed: int,
+    rnd: int,
+) -> dict[int, TensorDict]:
+    """Per client, the update of its local training from the model it received.
+
+    The clients that received the global model train together in one call of the engine (so a
+    round without edits runs exactly as it always has); each client a malicious server sent
+    another model trains on its own from that model.
+    """
+    groups: list[tuple[TensorDict, list[tuple[LocalPlan, LocalTraining | None]]]] = []
+    common = [job for job in jobs if job[0].client_id not in sent]
+    if common:
+        groups.append((state, common))
+    groups += [(sent[job[0].client_id], [job]) for job in jobs if job[0].client_id in sent]
+    out: dict[int, TensorDict] = {}
+    for start, group in groups:
+        plans = [plan for plan, _ in group]
+        rules = [rule for _, rule in group]
+        dp_sgd = any(r is not None and r.dp_sgd is not None for r in rules)
+        tensors = train(
+            model,
+            start,
+            x,
+            y,
+            plans,
+            algorithm=spec.algorithm,
+            lr=spec.local.lr,
+            batchnorm=spec.local.batchnorm,
+            rules=rules if any(r is not None for r in rules) else (),
+            generators=[torch_generator(seed, "dp_sgd", rnd, p.client_id) for p in plans]
+            if dp_sgd
+            else (),
+        )
+        out.update({p.client_id: t for p, t in zip(plans, tensors, strict=True)})
+    return out
 
 
 def _secure_aggregate(
