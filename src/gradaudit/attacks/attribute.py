@@ -337,15 +337,16 @@ class AttributeInferenceAttack:
         rows = filled_rows(x, column, values)
         labels = y.repeat_interleave(len(values))
         seen = self._seen(obs)
-        signal = self._signal(seen[0][1], granted_lr(obs))
+        lr = granted_lr(obs)  # the federation's one local learning rate
+        signal = self._signal(seen[0][1], lr)
         evidence = torch.zeros(len(rows), dtype=torch.float64)
         for done, (view, update) in enumerate(seen, start=1):
             if signal == "loss":
-                state = local_state(model, view.global_params, update, granted_lr(view))
+                state = local_state(model, view.global_params, update, lr)
                 losses = record_losses(model, state, rows, labels)  # type: ignore[arg-type]
                 evidence -= losses / len(seen)
             else:
-                evidence += loss_change(model, view, update, rows, labels, signal=signal)
+                evidence += loss_change(model, view, update, rows, labels, signal=signal, lr=lr)
             if progress is not None:
                 progress(done, len(seen))
         evidence = evidence.view(len(x), len(values)) / self.params.temperature

@@ -153,15 +153,16 @@ def loss_change(
     y: Tensor,
     *,
     signal: str,
+    lr: float | None,
     base: Tensor | None = None,
 ) -> Tensor:
     """How much the client's update lowered each record's loss in the round of `view`.
 
     ``loss_drop``: loss under the round's global model minus loss under the client's local
-    model (`base` may pass the first term in, computed once per round). ``gradient_alignment``:
-    the first-order drop per unit learning rate (:func:`gradient_alignment`).
+    model (`lr`: the granted learning rate, needed for FedSGD; `base` may pass the first term
+    in, computed once per round). ``gradient_alignment``: the first-order drop per unit
+    learning rate (:func:`gradient_alignment`).
     """
-    lr = granted_lr(view)
     if signal == "gradient_alignment":
         return gradient_alignment(model, view.global_params, x, y, update)
     state = local_state(model, view.global_params, update, lr)
@@ -281,16 +282,17 @@ class SourceInferenceAttack:
         drops = torch.zeros(len(y), num_clients, dtype=torch.float64)
         seen = torch.zeros(num_clients, dtype=torch.int64)
         rounds = rounds_of(obs)
+        lr = granted_lr(obs)  # the federation's one local learning rate
         signals: set[str] = set()
         used_rounds: list[int] = []
         for done, view in enumerate(rounds, start=1):
             updates = [u for u in individual_updates(view) if u.client_id < num_clients]
             base = None
             for update in updates:
-                signal = resolve_signal(self.params.signal, update, granted_lr(view))
+                signal = resolve_signal(self.params.signal, update, lr)
                 if signal == "loss_drop" and base is None:
                     base = record_losses(model, view.global_params, x, y)
-                change = loss_change(model, view, update, x, y, signal=signal, base=base)
+                change = loss_change(model, view, update, x, y, signal=signal, lr=lr, base=base)
                 drops[:, update.client_id] += change
                 seen[update.client_id] += 1
                 signals.add(signal)
