@@ -222,6 +222,16 @@ def defense_lines(report: dict) -> list[str]:  # type: ignore[type-arg]
             lines.append(f"  {privacy['protects_against']}")
         if privacy.get("stopped_early"):
             lines.append(f"  stopped early: {privacy['stopped_early']}")
+    audit = report.get("privacy_audit")
+    if audit and audit.get("status") == "ok":
+        lines.append(
+            f"DP audit ({audit['level']} level, {audit['canaries']} canaries): epsilon >= "
+            f"{audit['epsilon_lower_bound']:.3g} at delta {audit['delta']:g} with "
+            f"{audit['confidence']:.0%} confidence ({audit['correct']} of {audit['guesses']} "
+            "guesses right)"
+        )
+    elif audit:
+        lines.append(f"DP audit could not run: {audit['reason']}")
     warnings = [w for d in report.get("defenses", []) for w in d.get("warnings", [])]
     lines += [f"warning: {w}" for w in warnings]
     return lines

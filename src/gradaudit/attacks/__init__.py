@@ -6,12 +6,17 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from gradaudit.attacks.attribute import AttributeInferenceAttack, AttributeInferenceParams
 from gradaudit.attacks.base import Attack
 from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
 from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
+from gradaudit.attacks.membership.active import (
+    MembershipActiveAttack,
+    MembershipActiveParams,
+)
 from gradaudit.attacks.membership.passive import (
     MembershipGradientAttack,
     MembershipGradientParams,
@@ -22,6 +27,8 @@ from gradaudit.attacks.membership.temporal import (
     MembershipTemporalAttack,
     MembershipTemporalParams,
 )
+from gradaudit.attacks.property import PropertyInferenceAttack, PropertyInferenceParams
+from gradaudit.attacks.source import SourceInferenceAttack, SourceInferenceParams
 from gradaudit.registry import Registry
 
 ATTACKS: Registry[Callable[[BaseModel], Attack]] = Registry("attack")
@@ -73,6 +80,30 @@ ATTACKS.register(
     "clients' in each round, combined (FedMIA, Zhu et al. 2024)",
     params=MembershipTemporalParams,
 )(MembershipTemporalAttack)
+ATTACKS.register(
+    "membership_active",
+    summary="membership by a malicious server: gradient ascent on the candidates in the model "
+    "sent to the target, then how far its training undoes it (Nasr et al. 2019 active)",
+    params=MembershipActiveParams,
+)(MembershipActiveAttack)
+ATTACKS.register(
+    "source_inference",
+    summary="which client holds each candidate record: the record's loss drop under each "
+    "client's local model, over rounds (Hu et al. 2021)",
+    params=SourceInferenceParams,
+)(SourceInferenceAttack)
+ATTACKS.register(
+    "attribute_inference",
+    summary="a hidden sensitive attribute of the target's records from its updates, reported as "
+    "the gain over a no-model baseline (Fredrikson et al. 2015, on updates)",
+    params=AttributeInferenceParams,
+)(AttributeInferenceAttack)
+ATTACKS.register(
+    "property_inference",
+    summary="a property of the data behind each update (e.g. share of patients over 60), by a "
+    "classifier on updates the server simulates from public data (Melis et al. 2019)",
+    params=PropertyInferenceParams,
+)(PropertyInferenceAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:

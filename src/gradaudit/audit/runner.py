@@ -29,6 +29,7 @@ from gradaudit.attacks.validation import Validation, validate_reconstruction
 from gradaudit.audit import artifacts
 from gradaudit.audit.inference import save_scores, score_inference
 from gradaudit.audit.io import atomic_write_json, read_json
+from gradaudit.audit.malicious import EditsModel, malicious_observation
 from gradaudit.audit.risk import assess
 from gradaudit.audit.scoring import (
     RECOGNISABLE_PSNR,
@@ -233,6 +234,15 @@ def run_audit(
         )
         views.append((aggregate_obs, aggregate_history, aggregate_indices(capture), "_aggregate"))
 
+    def fresh_model() -> torch.nn.Module:  # the scenario's initial model, again
+        return build_model(
+            scenario.model.kind,
+            scenario.model.params,
+            dataset.info,
+            generator=torch_generator(seed, "model"),
+        )
+
+    replays: dict[int, Observation | str] = {}
     attack_entries: list[dict[str, Any]] = []
     for index, (spec, attack) in enumerate(zip(scenario.attacks, attacks, strict=True)):
         for view, seen_rounds, indices, suffix in views:
@@ -248,6 +258,20 @@ def run_audit(
             hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}{on}")
             challenge = challenges.get(attack.question) if attack.question else None
             skip = never_ran if never_ran is not None else challenge
+            if isinstance(attack, EditsModel) and not isinstance(skip, str):
+                if index not in replays:  # one replay serves the target and the aggregate rows
+                    hooks.stage(f"attack {index + 1}: replaying the federation, server malicious")
+                    replays[index] = malicious_observation(
+                        attack,
+                        scenario,
+                        dataset,
+                        clients,
+                        challenge,  # type: ignore[arg-type]
+                        build_model=fresh_model,
+                        public_data=public,
+                    )
+                skip = replays[index]
+                view = skip if isinstance(skip, Observation) else view
             if isinstance(skip, str):
                 result = not_applicable(spec.kind, view, skip)
             else:
@@ -267,6 +291,11 @@ def run_audit(
             if result.status != "failed":  # a failure is retried by the next run
                 atomic_write_json(cached, entry)
             attack_entries.append(entry)
+
+    privacy_audit = None
+    if scenario.dp_audit is not None:
+        hooks.stage("DP audit: a second run with canaries")
+        privacy_audit = _dp_audit(scenario, dataset, clients, fresh_model, partial, resume)
 
     accuracy = [r.test_accuracy for r in fed.rounds]
     described = [d.describe() for d in defenses.defenses]
@@ -312,6 +341,7 @@ def run_audit(
         + ([{"side": "server", **protocol.describe()}] if protocol is not None else []),
         "visibility": visibility.value,
         "privacy": privacy_block(defenses, described, fed.stopped),
+        "privacy_audit": privacy_audit,
         "cost": {
             "seconds": 0.0,
             "bytes_up_per_client": fed.cost.bytes_up_per_client,
@@ -360,6 +390,32 @@ def run_audit(
     report["cost"]["seconds"] = round(time.perf_counter() - started, 3)
     write_report(report, out_dir)
     return report
+
+
+def _dp_audit(
+    scenario: Scenario,
+    dataset: Any,
+    clients: list[np.ndarray],
+    fresh_model: Any,
+    partial: Path,
+    resume: bool,
+) -> dict[str, Any]:
+    """The report's ``privacy_audit`` block (cached in `partial` like a finished attack)."""
+    from gradaudit.audit.dp_audit import run_dp_audit
+
+    cached = partial / "dp_audit.json"
+    if resume and cached.is_file():
+        return read_json(cached, what="cached DP audit")
+    try:
+        block = {
+            "status": "ok",
+            **run_dp_audit(scenario, dataset, clients, build_model=fresh_model),
+        }
+    except ValueError as exc:
+        logger.warning("the DP audit could not run: %s", exc)
+        return {"status": "failed", "reason": str(exc)}
+    atomic_write_json(cached, block)
+    return block
 
 
 def build_challenges(questions: list[str], inputs: ChallengeInputs) -> dict[str, Challenge | str]:
