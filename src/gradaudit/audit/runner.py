@@ -452,7 +452,7 @@ def _inference_entry(
     """The report entry of an inference attack, scored on its challenge; the per-record scores
     are saved beside the report (``scores/attack<index>.csv``)."""
     entry, _ = _entry(result, index, out_dir, None, torch.zeros(0, dtype=torch.long), ())
-    entry["question"] = challenge.question
+    entry.update(question=challenge.question, intervals={}, notes=list(challenge.notes))
     scores = result.reconstruction.scores
     if result.status != "ok":
         return entry
