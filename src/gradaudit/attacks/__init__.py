@@ -17,6 +17,7 @@ from gradaudit.attacks.membership.active import (
     MembershipActiveAttack,
     MembershipActiveParams,
 )
+from gradaudit.attacks.membership.lira import LiraAttack, LiraParams
 from gradaudit.attacks.membership.passive import (
     MembershipGradientAttack,
     MembershipGradientParams,
@@ -104,6 +105,13 @@ ATTACKS.register(
     "classifier on updates the server simulates from public data (Melis et al. 2019)",
     params=PropertyInferenceParams,
 )(PropertyInferenceAttack)
+ATTACKS.register(
+    "lira",
+    summary="Likelihood Ratio Attack: candidates' scaled-logit confidence against shadow models "
+    "trained together with torch.func, on the final or the client's local model (Carlini et "
+    "al. 2022)",
+    params=LiraParams,
+)(LiraAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:
