@@ -317,18 +317,20 @@ def run_audit(
             "client_sizes": [len(c) for c in clients],
             "stopped": fed.stopped,
             "aborted_rounds": [r.round for r in fed.rounds if r.aborted],
-            "rounds": [
-                {
-                    "round": r.round,
-                    "sampled": list(r.sampled),
-                    "dropped": list(r.dropped),
-                    "declined": list(r.declined),
-                    "lost": list(r.lost),
-                    "recovered": list(r.recovered),
-                    "aborted": r.aborted,
-                    "test_accuracy": r.test_accuracy,
-                    "test_loss": r.test_loss,
-                }
+            "rounds": [  # a diverged model's NaN loss becomes null
+                _jsonable(
+                    {
+                        "round": r.round,
+                        "sampled": list(r.sampled),
+                        "dropped": list(r.dropped),
+                        "declined": list(r.declined),
+                        "lost": list(r.lost),
+                        "recovered": list(r.recovered),
+                        "aborted": r.aborted,
+                        "test_accuracy": r.test_accuracy,
+                        "test_loss": r.test_loss,
+                    }
+                )
                 for r in fed.rounds
             ],
         },
