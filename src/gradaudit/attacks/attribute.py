@@ -12,7 +12,6 @@ global model learnt from everyone.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
-from gradaudit.attacks.base import ProgressFn, Question, not_applicable
+from gradaudit.attacks.base import Infers, ProgressFn, Question
 from gradaudit.attacks.source import (
     candidate_records,
     granted_lr,
@@ -32,10 +31,8 @@ from gradaudit.attacks.source import (
     rounds_of,
 )
 from gradaudit.types import (
-    AttackResult,
     ClientUpdate,
     Observation,
-    Reconstruction,
     TabularSchema,
 )
 
@@ -223,7 +220,7 @@ def _granted_public(obs: Observation) -> bool:
     return isinstance(public, Mapping) and "x" in public and obs.task.tabular is not None
 
 
-class AttributeInferenceAttack:
+class AttributeInferenceAttack(Infers):
     """Infer the hidden attribute of the target client's records from its updates.
 
     Fredrikson et al. (CCS 2015)'s white-box attribute inference adapted to federated updates:
@@ -317,19 +314,15 @@ class AttributeInferenceAttack:
             )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score every value of the hidden column for every candidate (`rng` is unused)."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         question = question_of(obs)
         x, y = candidate_records(obs)  # type: ignore[misc]
         values = torch.as_tensor(question["values"], dtype=x.dtype)  # type: ignore[index]
@@ -370,12 +363,4 @@ class AttributeInferenceAttack:
                 f"the scenario's question is about {asked!r} (the first attribute_inference "
                 f"entry's attribute), not this entry's {self.params.attribute!r}"
             )
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores),
-            seconds=time.perf_counter() - started,
-            details=details,
-        )
+        return scores, details

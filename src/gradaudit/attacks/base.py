@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import abc
 import copy
+import time
 from collections.abc import Callable, Mapping
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -10,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gradaudit.models import classifier_keys
-from gradaudit.types import AttackResult, ClientUpdate, Observation
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(done, total)`` during long attacks."""
@@ -52,6 +54,54 @@ class Reconstructs:
 
     question: ClassVar[Question | None] = None
     needs_history: ClassVar[bool] = False
+
+
+class Infers(abc.ABC):
+    """Base of the inference attacks: `run` checks `applicable`, then times `infer` and hands
+    its float64 scores to the runner, which scores them against the challenge's truth."""
+
+    name: ClassVar[str]
+    question: ClassVar[Question | None]
+    needs_history: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def applicable(self, obs: Observation) -> str | None:
+        """None when the attack can run on `obs`, else the reason it cannot."""
+
+    @abc.abstractmethod
+    def infer(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
+        """One score per candidate (``side_info["candidates"]`` order) and facts for the report."""
+
+    def run(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Answer the question on `obs` (or say why it cannot be asked there)."""
+        reason = self.applicable(obs)
+        if reason is not None:
+            return not_applicable(self.name, obs, reason)
+        started = time.perf_counter()
+        scores, details = self.infer(obs, model, rng=rng, progress=progress)
+        return AttackResult(
+            self.name,
+            obs.round,
+            obs.target_client,
+            "ok",
+            reconstruction=Reconstruction(scores=scores.to(torch.float64)),
+            seconds=time.perf_counter() - started,
+            details=details,
+        )
 
 
 def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -23,7 +22,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
-from gradaudit.attacks.base import ProgressFn, Question, not_applicable
+from gradaudit.attacks.base import Infers, ProgressFn, Question
 from gradaudit.attacks.source import rounds_of
 from gradaudit.federation.local import (
     LocalPlan,
@@ -33,7 +32,7 @@ from gradaudit.federation.local import (
     train_clients_vectorised,
 )
 from gradaudit.models import classifier_keys
-from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TensorDict
+from gradaudit.types import ClientUpdate, Observation, TensorDict
 
 CUT_TOLERANCE = 1e-5
 """Model-space slack at a column's cut: a standardised integer (an age of exactly 60) stored as
@@ -176,7 +175,7 @@ def aux_batches(
     return out
 
 
-class PropertyInferenceAttack:
+class PropertyInferenceAttack(Infers):
     """Infer a property of the data behind each observed update from auxiliary updates.
 
     Melis et al. (IEEE S&P 2019)'s passive property inference: in every round the adversary
@@ -234,19 +233,15 @@ class PropertyInferenceAttack:
             )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score every listed (round, client) update with a per-round property classifier."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         question = property_question(obs)
         assert question is not None
         listed = [(int(r), int(c)) for r, c in question["updates"]]  # type: ignore[union-attr]
@@ -289,27 +284,19 @@ class PropertyInferenceAttack:
                 scored.add((view.round, update.client_id))
             if progress is not None:
                 progress(done, len(rounds))
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=torch.as_tensor(scores, dtype=torch.float64)),
-            seconds=time.perf_counter() - started,
-            details={
-                "method": "Melis et al. 2019: a per-round classifier on updates simulated from "
-                "public data with and without the property",
-                "property": question.get("property"),
-                "classifier": self.params.classifier,
-                "features": self.params.features,
-                "aux_updates_per_round": self.params.aux_updates,
-                "public_with_property": int(positive.size),
-                "public_without_property": int(negative.size),
-                "rounds": [r.round for r in rounds],
-                "training_accuracy": fit_accuracy,
-                "updates_not_seen": len(listed) - len(scored),
-            },
-        )
+        return torch.as_tensor(scores, dtype=torch.float64), {
+            "method": "Melis et al. 2019: a per-round classifier on updates simulated from "
+            "public data with and without the property",
+            "property": question.get("property"),
+            "classifier": self.params.classifier,
+            "features": self.params.features,
+            "aux_updates_per_round": self.params.aux_updates,
+            "public_with_property": int(positive.size),
+            "public_without_property": int(negative.size),
+            "rounds": [r.round for r in rounds],
+            "training_accuracy": fit_accuracy,
+            "updates_not_seen": len(listed) - len(scored),
+        }
 
     def _classifier(self, seed: int) -> LogisticRegression | RandomForestClassifier:
         if self.params.classifier == "random_forest":

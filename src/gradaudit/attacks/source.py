@@ -14,7 +14,6 @@ is a record's loss change between the round's global model and a client's local 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -23,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradaudit.attacks.base import ProgressFn, Question, not_applicable
-from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TensorDict
+from gradaudit.attacks.base import Infers, ProgressFn, Question
+from gradaudit.types import ClientUpdate, Observation, TensorDict
 
 CHUNK = 512
 """Records per forward pass (bounds memory on large candidate sets)."""
@@ -221,7 +220,7 @@ def combine_rounds(drops: Tensor, seen: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(mean / temperature, dim=1)
 
 
-class SourceInferenceAttack:
+class SourceInferenceAttack(Infers):
     """Which client holds each candidate record: the client whose local models lower its loss
     most (Hu et al., "Source Inference Attacks in Federated Learning", ICDM 2021).
 
@@ -264,19 +263,15 @@ class SourceInferenceAttack:
                 )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score every candidate record against every client (deterministic: `rng` is unused)."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         x, y = candidate_records(obs)  # type: ignore[misc]
         num_clients = self._num_clients(obs)
         drops = torch.zeros(len(y), num_clients, dtype=torch.float64)
@@ -301,23 +296,15 @@ class SourceInferenceAttack:
             if progress is not None:
                 progress(done, len(rounds))
         scores = combine_rounds(drops, seen, self.params.temperature)
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores),
-            seconds=time.perf_counter() - started,
-            details={
-                "method": "Hu et al. 2021: log-posterior over clients of the record's mean loss "
-                "drop under each client's local model",
-                "signal": sorted(signals),
-                "rounds": used_rounds,
-                "updates_seen_per_client": seen.tolist(),
-                "clients_never_seen": int((seen == 0).sum()),
-                "temperature": self.params.temperature,
-            },
-        )
+        return scores, {
+            "method": "Hu et al. 2021: log-posterior over clients of the record's mean loss "
+            "drop under each client's local model",
+            "signal": sorted(signals),
+            "rounds": used_rounds,
+            "updates_seen_per_client": seen.tolist(),
+            "clients_never_seen": int((seen == 0).sum()),
+            "temperature": self.params.temperature,
+        }
 
     @staticmethod
     def _num_clients(obs: Observation) -> int:

@@ -14,7 +14,6 @@ seeds with the defaults the active AUC was 0.00-0.13 above the passive one.)
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -24,10 +23,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from gradaudit.attacks.base import (
+    Infers,
     ProgressFn,
     Question,
     gradient_estimate,
-    not_applicable,
     target_update,
 )
 from gradaudit.attacks.membership.signals import (
@@ -39,7 +38,7 @@ from gradaudit.attacks.membership.signals import (
     local_state,
     record_losses,
 )
-from gradaudit.types import AttackResult, Observation, Reconstruction, TensorDict
+from gradaudit.types import Observation, TensorDict
 
 
 class MembershipActiveParams(BaseModel):
@@ -91,7 +90,7 @@ def ascend(
     return {k: (params[k] if k in params else v.clone()) for k, v in state.items()}
 
 
-class MembershipActiveAttack:
+class MembershipActiveAttack(Infers):
     """A malicious server raises the candidates' loss in the model it sends the target, then
     scores each candidate by how much the client's local training brought its loss back down.
 
@@ -103,7 +102,6 @@ class MembershipActiveAttack:
 
     name: ClassVar[str] = "membership_active"
     question: ClassVar[Question | None] = "membership"
-    needs_history: ClassVar[bool] = False
     edits_model: ClassVar[bool] = True
     """The attack changes the model the server sends (it needs a malicious server and its own
     copy of the federation)."""
@@ -140,14 +138,14 @@ class MembershipActiveAttack:
         _, reason = target_update(obs)
         return reason
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score each candidate by how far the client's training took its loss down.
 
         The local model is the sent model plus the FedAvg delta, or one SGD step of the granted
@@ -160,10 +158,6 @@ class MembershipActiveAttack:
         term is used instead: the inner product of the candidate's loss gradient at the sent
         model with the client's gradient (its ranking does not depend on the unknown rate).
         """
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         update, _ = target_update(obs)
         assert update is not None
         x, y = candidates(obs)  # type: ignore[misc]
@@ -195,18 +189,10 @@ class MembershipActiveAttack:
             sent_model = "not stated"
         else:
             sent_model = "edited (gradient ascent on the candidates)" if edited else "honest"
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores.to(torch.float64)),
-            seconds=time.perf_counter() - started,
-            details={
-                "statistic": statistic,
-                "local_model": how,
-                "ascent_steps": self.params.ascent_steps,
-                "ascent_lr": self.params.ascent_lr,
-                "sent_model": sent_model,
-            },
-        )
+        return scores.to(torch.float64), {
+            "statistic": statistic,
+            "local_model": how,
+            "ascent_steps": self.params.ascent_steps,
+            "ascent_lr": self.params.ascent_lr,
+            "sent_model": sent_model,
+        }

@@ -9,18 +9,17 @@ update. Both signals need no shadow model.
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from torch import Tensor, nn
 
 from gradaudit.attacks.base import (
+    Infers,
     ProgressFn,
     Question,
     gradient_estimate,
-    not_applicable,
     target_update,
 )
 from gradaudit.attacks.membership.signals import (
@@ -31,7 +30,7 @@ from gradaudit.attacks.membership.signals import (
     local_state,
     record_losses,
 )
-from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
+from gradaudit.types import ClientUpdate, Observation
 
 
 def membership_inputs(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
@@ -58,7 +57,7 @@ class MembershipLossParams(BaseModel):
     calibrate: bool = True
 
 
-class MembershipLossAttack:
+class MembershipLossAttack(Infers):
     """A record is a member when the client's local model fits it better than the global one.
 
     The server rebuilds the client's local model (global + its FedAvg delta, or one SGD step of
@@ -68,7 +67,6 @@ class MembershipLossAttack:
 
     name: ClassVar[str] = "membership_loss"
     question: ClassVar[Question | None] = "membership"
-    needs_history: ClassVar[bool] = False
 
     def __init__(self, params: MembershipLossParams | None = None) -> None:
         self.params = params or MembershipLossParams()
@@ -85,39 +83,27 @@ class MembershipLossAttack:
             )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score every candidate by its (calibrated) loss under the client's local model."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         update, _ = target_update(obs)
         x, y = candidates(obs)  # type: ignore[misc]
         state = local_state(obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
         scores = -record_losses(model, state, x, y)  # type: ignore[arg-type]
         if self.params.calibrate:
             scores = scores + record_losses(model, obs.global_params, x, y)
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores),
-            seconds=time.perf_counter() - started,
-            details={
-                "statistic": "loss(global) - loss(local)" if self.params.calibrate else "-loss",
-                "local_model": "global + delta"
-                if update.kind == "delta"  # type: ignore[union-attr]
-                else "global - lr * gradient",
-            },
-        )
+        return scores, {
+            "statistic": "loss(global) - loss(local)" if self.params.calibrate else "-loss",
+            "local_model": "global + delta"
+            if update.kind == "delta"  # type: ignore[union-attr]
+            else "global - lr * gradient",
+        }
 
 
 class MembershipGradientParams(BaseModel):
@@ -135,7 +121,7 @@ class MembershipGradientParams(BaseModel):
     statistic: Literal["cosine", "norm"] = "cosine"
 
 
-class MembershipGradientAttack:
+class MembershipGradientAttack(Infers):
     """A record is a member when its own gradient points where the client's update went.
 
     Nasr et al. 2019 feed each record's gradient to their attack model; its two strongest
@@ -145,7 +131,6 @@ class MembershipGradientAttack:
 
     name: ClassVar[str] = "membership_gradient"
     question: ClassVar[Question | None] = "membership"
-    needs_history: ClassVar[bool] = False
 
     def __init__(self, params: MembershipGradientParams | None = None) -> None:
         self.params = params or MembershipGradientParams()
@@ -162,19 +147,15 @@ class MembershipGradientAttack:
             )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Score every candidate by its gradient's cosine with the update, or its norm."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         update, _ = target_update(obs)
         x, y = candidates(obs)  # type: ignore[misc]
         grads, how = gradient_estimate(update, obs)  # type: ignore[arg-type]
@@ -187,12 +168,4 @@ class MembershipGradientAttack:
             state = local_state(obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
             norms, _ = gradient_signals(model, state, x, y, keys)  # type: ignore[arg-type]
             scores, statistic = -norms, "-|record gradient at the local model|"
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores),
-            seconds=time.perf_counter() - started,
-            details={"statistic": statistic, "update_read_as": how, "parameters": len(keys)},
-        )
+        return scores, {"statistic": statistic, "update_read_as": how, "parameters": len(keys)}

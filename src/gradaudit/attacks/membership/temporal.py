@@ -9,21 +9,20 @@ against it in every round and the evidence is combined over rounds.
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from gradaudit.attacks.base import ProgressFn, Question, not_applicable
+from gradaudit.attacks.base import Infers, ProgressFn, Question
 from gradaudit.attacks.membership.signals import (
     candidates,
     local_lr,
     local_state,
     record_losses,
 )
-from gradaudit.types import AttackResult, Observation, Reconstruction
+from gradaudit.types import Observation
 
 
 class MembershipTemporalParams(BaseModel):
@@ -71,7 +70,7 @@ def one_tailed_evidence(target: Tensor, others: Tensor, *, per_record: bool) -> 
     return torch.special.log_ndtr(z)
 
 
-class MembershipTemporalAttack:
+class MembershipTemporalAttack(Infers):
     """Combine a record's membership evidence over every round and client the server saw.
 
     Per round the signal is the record's drop in loss from the global model to each client's
@@ -116,19 +115,15 @@ class MembershipTemporalAttack:
             )
         return None
 
-    def run(
+    def infer(
         self,
         obs: Observation,
         model: nn.Module,
         *,
         rng: torch.Generator,
-        progress: ProgressFn | None = None,
-    ) -> AttackResult:
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Sum each record's per-round evidence over the rounds in which the target took part."""
-        reason = self.applicable(obs)
-        if reason is not None:
-            return not_applicable(self.name, obs, reason)
-        started = time.perf_counter()
         x, y = candidates(obs)  # type: ignore[misc]
         rounds = obs.history or (obs,)
         seen = [r for r in rounds if r.update_of(obs.target_client) is not None]
@@ -151,17 +146,9 @@ class MembershipTemporalAttack:
                 used.append(view.round)
             if progress is not None:
                 progress(done, len(seen))
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=score),
-            seconds=time.perf_counter() - started,
-            details={
-                "signal": "loss(global) - loss(client's local model), per round",
-                "reference": mode,
-                "rounds": used,
-                "variance": self.params.variance,
-            },
-        )
+        return score, {
+            "signal": "loss(global) - loss(client's local model), per round",
+            "reference": mode,
+            "rounds": used,
+            "variance": self.params.variance,
+        }
