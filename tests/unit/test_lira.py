@@ -277,4 +277,6 @@ def test_not_applicable_reasons(toy) -> None:
     assert result.status == "not_applicable" and "aggregate" in str(result.reason)
     batchnorm = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     assert "BatchNorm" in str(attack.applicable(_obs(toy), batchnorm))
+    refused = attack.run(_obs(toy), batchnorm, rng=torch.Generator())
+    assert refused.status == "not_applicable" and "BatchNorm" in str(refused.reason)
     assert attack.applicable(_obs(toy), model) is None

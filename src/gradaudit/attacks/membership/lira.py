@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradaudit.attacks.base import ProgressFn, Question, not_applicable, target_update
+from gradaudit.attacks.base import Infers, ProgressFn, Question, not_applicable, target_update
 from gradaudit.attacks.membership.shadows import (
     ShadowOptimizer,
     balanced_keep,
@@ -35,13 +35,16 @@ from gradaudit.attacks.membership.shadows import (
 )
 from gradaudit.attacks.membership.signals import candidates, local_state
 from gradaudit.federation.local import has_batchnorm
-from gradaudit.types import AttackResult, Observation, Reconstruction, TensorDict
+from gradaudit.types import AttackResult, Observation, TensorDict
 
 MIN_STD = 1e-12
 """Floor of a fitted standard deviation (shadows that all agree exactly)."""
 
 CHUNK = 512
 """Records per forward pass when computing confidences."""
+
+BATCHNORM = "LiRA's vectorised shadow models cannot train BatchNorm"
+"""Why the attack does not run on a model with BatchNorm."""
 
 
 def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
@@ -393,7 +396,7 @@ def model_confidence(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) 
     return logit_confidence(torch.cat(logits), y)
 
 
-class LiraAttack:
+class LiraAttack(Infers):
     """LiRA membership inference (Carlini et al., IEEE S&P 2022) with vectorised shadows.
 
     The adversary (an honest-but-curious server that knows the architecture and the clients'
@@ -416,16 +419,12 @@ class LiraAttack:
     def __init__(self, params: LiraParams | None = None) -> None:
         self.params = params or LiraParams()
 
-    def _setup(
-        self, obs: Observation, model: nn.Module | None
-    ) -> tuple[Schedule, TargetModel] | str:
+    def _setup(self, obs: Observation) -> tuple[Schedule, TargetModel] | str:
         """The shadows' schedule and the attacked model, or the reason the attack cannot run."""
         if candidates(obs) is None:
             return "no candidate records were given (side_info['candidates'])"
         if not obs.side_info.get("architecture"):
             return "the adversary does not know the model architecture"
-        if model is not None and has_batchnorm(model):
-            return "LiRA's vectorised shadow models cannot train BatchNorm"
         schedule, reason = shadow_schedule(self.params, obs)
         if schedule is None:
             return str(reason)
@@ -435,7 +434,9 @@ class LiraAttack:
     def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
         """None when the candidates, the architecture, the attacked model and the shadows'
         schedule are at hand (and, with `model` given, the model has no BatchNorm)."""
-        setup = self._setup(obs, model)
+        if model is not None and has_batchnorm(model):
+            return BATCHNORM
+        setup = self._setup(obs)
         return setup if isinstance(setup, str) else None
 
     def run(
@@ -446,17 +447,29 @@ class LiraAttack:
         rng: torch.Generator,
         progress: ProgressFn | None = None,
     ) -> AttackResult:
+        """Not applicable to a model with BatchNorm; otherwise `Infers.run`."""
+        if has_batchnorm(model):
+            return not_applicable(self.name, obs, BATCHNORM)
+        return super().run(obs, model, rng=rng, progress=progress)
+
+    def infer(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None,
+    ) -> tuple[Tensor, dict[str, object]]:
         """Train the shadows, then score every candidate."""
-        setup = self._setup(obs, model)
+        setup = self._setup(obs)
         if isinstance(setup, str):
-            return not_applicable(self.name, obs, setup)
+            raise ValueError(setup)
         schedule, target = setup
-        started = time.perf_counter()
         p = self.params
         x, y = candidates(obs)  # type: ignore[misc]
         numpy_rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=rng)))
         data = shadow_data(obs, p, x, y, numpy_rng)
-        trained = time.perf_counter()
+        started = time.perf_counter()
         stacked = train_shadows(
             model,
             target.init,
@@ -471,14 +484,12 @@ class LiraAttack:
             rng=numpy_rng,
             progress=progress,
         )
-        shadow_seconds = time.perf_counter() - trained
-        n = x.shape[0]
+        shadow_seconds = time.perf_counter() - started
         shadow_conf = logit_confidence(shadow_logits(model, stacked, x), y)
         target_conf = model_confidence(model, target.state, x, y)
-        keep = data.keep[:, :n]
-        fixed = p.variance == "fixed"
+        keep = data.keep[:, : x.shape[0]]
         score = lira_online if p.mode == "online" else lira_offline
-        scores = score(target_conf, shadow_conf, keep, fixed_variance=fixed)
+        scores = score(target_conf, shadow_conf, keep, fixed_variance=p.variance == "fixed")
         details: dict[str, object] = {
             "shadows": p.shadows,
             "shadow_seconds": round(shadow_seconds, 3),
@@ -497,15 +508,7 @@ class LiraAttack:
                 "of the candidates (plus public records for the other clients' data when "
                 "granted); client sampling, averaging and non-IID data are not imitated"
             )
-        return AttackResult(
-            self.name,
-            obs.round,
-            obs.target_client,
-            "ok",
-            reconstruction=Reconstruction(scores=scores),
-            seconds=time.perf_counter() - started,
-            details=details,
-        )
+        return scores, details
 
 
 __all__ = [
