@@ -174,7 +174,8 @@ def lira_offline(
     Args:
         target_conf: (N,) the target model's confidences.
         shadow_conf: (S, N) the shadows' confidences.
-        keep: (S, N) bool, True where the shadow trained on the record (ignored: only OUT).
+        keep: (S, N) bool, True where the shadow trained on the record; only the OUT
+            shadows (False) are used.
         fixed_variance: one pooled variance instead of one per record.
 
     Returns:
