@@ -285,6 +285,7 @@ def run_audit(
                 entry = _scored_entry(
                     result, attack, view, model, index, out_dir, dataset, indices, scenario
                 )
+            entry["index"] = index  # the attack's position in scenario.attacks
             if suffix:
                 entry["client"] = "aggregate"
                 entry["clients"] = [u.client_id for u in capture.updates]

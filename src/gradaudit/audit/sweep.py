@@ -135,6 +135,23 @@ def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> tuple[str, li
     return str(base.get("name", path.stem)), variants
 
 
+def attack_label(entry: Mapping[str, Any], specs: Sequence[Mapping[str, Any]]) -> str:
+    """An attack's column name: its kind, with its params when the scenario runs the kind twice.
+
+    Example:
+        >>> specs = [{"kind": "lira", "params": {"target_model": "local"}},
+        ...          {"kind": "lira", "params": {"target_model": "final"}}]
+        >>> attack_label({"attack": "lira", "index": 1}, specs)
+        'lira (target_model=final)'
+    """
+    kind, index = entry["attack"], entry.get("index")
+    if index is None or sum(s.get("kind") == kind for s in specs) < 2:
+        return kind
+    params = specs[index].get("params") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in params.items()) or f"#{index}"
+    return f"{kind} ({shown})"
+
+
 def summarise_variant(label: str, report: Mapping[str, Any]) -> dict[str, Any]:
     """One row of the sweep table, from a variant's report.
 
@@ -151,7 +168,8 @@ def summarise_variant(label: str, report: Mapping[str, Any]) -> dict[str, Any]:
     guarantees = [d["guarantee"] for d in report.get("defenses", [])]
     attacks: dict[str, dict[str, Any]] = {}
     for entry in report["attacks"]:
-        name = entry["attack"] + (" (aggregate)" if entry.get("client") == "aggregate" else "")
+        name = attack_label(entry, report.get("scenario", {}).get("attacks", []))
+        name += " (aggregate)" if entry.get("client") == "aggregate" else ""
         while name in attacks:
             name += "'"
         cell: dict[str, Any] = {"status": entry["status"]}
