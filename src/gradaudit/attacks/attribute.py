@@ -22,14 +22,14 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
 from gradaudit.attacks.base import Infers, ProgressFn, Question
-from gradaudit.attacks.source import (
-    candidate_records,
-    granted_lr,
+from gradaudit.attacks.signals import (
+    candidates,
+    local_lr,
     local_state,
-    loss_change,
     record_losses,
     rounds_of,
 )
+from gradaudit.attacks.source import loss_change
 from gradaudit.types import (
     ClientUpdate,
     Observation,
@@ -307,7 +307,7 @@ class AttributeInferenceAttack(Infers):
         if self.params.prior == "public" and not _granted_public(obs):
             return "prior public needs the granted public data (threat.knows: public_data)"
         needs_local = self.params.signal in ("loss_drop", "loss")
-        if needs_local and granted_lr(obs) is None and all(u.kind == "gradient" for _, u in seen):
+        if needs_local and local_lr(obs) is None and all(u.kind == "gradient" for _, u in seen):
             return (
                 f"signal {self.params.signal} rebuilds the client's FedSGD local model, which "
                 "needs the local learning rate (grant local_hyperparameters, or use signal auto)"
@@ -324,13 +324,13 @@ class AttributeInferenceAttack(Infers):
     ) -> tuple[Tensor, dict[str, object]]:
         """Score every value of the hidden column for every candidate (`rng` is unused)."""
         question = question_of(obs)
-        x, y = candidate_records(obs)  # type: ignore[misc]
+        x, y = candidates(obs)  # type: ignore[misc]
         values = torch.as_tensor(question["values"], dtype=x.dtype)  # type: ignore[index]
         column = int(question["column"])  # type: ignore[index, arg-type]
         rows = filled_rows(x, column, values)
         labels = y.repeat_interleave(len(values))
         seen = self._seen(obs)
-        lr = granted_lr(obs)  # the federation's one local learning rate
+        lr = local_lr(obs)  # the federation's one local learning rate
         signal = self._signal(seen[0][1], lr)
         evidence = torch.zeros(len(rows), dtype=torch.float64)
         for done, (view, update) in enumerate(seen, start=1):

@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
 from gradaudit.attacks.base import Infers, ProgressFn, Question
-from gradaudit.attacks.source import rounds_of
+from gradaudit.attacks.signals import rounds_of
 from gradaudit.federation.local import (
     LocalPlan,
     has_batchnorm,

@@ -20,121 +20,20 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from gradaudit.attacks.base import Infers, ProgressFn, Question
-from gradaudit.types import ClientUpdate, Observation, TensorDict
-
-CHUNK = 512
-"""Records per forward pass (bounds memory on large candidate sets)."""
+from gradaudit.attacks.signals import (
+    candidates,
+    gradient_alignment,
+    individual_updates,
+    local_lr,
+    local_state,
+    record_losses,
+    rounds_of,
+)
+from gradaudit.types import ClientUpdate, Observation
 
 Signal = Literal["auto", "loss_drop", "gradient_alignment"]
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def candidate_records(obs: Observation) -> tuple[Tensor, Tensor] | None:
-    """The records the adversary must decide about, from ``side_info["candidates"]``."""
-    entry = obs.side_info.get("candidates")
-    if not isinstance(entry, Mapping) or "x" not in entry or "y" not in entry:
-        return None
-    return entry["x"], entry["y"]  # type: ignore[return-value]
-
-
-def granted_lr(obs: Observation) -> float | None:
-    """The clients' local learning rate, when the threat model grants the hyperparameters."""
-    hyper = obs.side_info.get("local_hyperparameters")
-    if isinstance(hyper, Mapping) and hyper.get("lr"):
-        return float(hyper["lr"])
-    return None
-
-
-def rounds_of(obs: Observation) -> tuple[Observation, ...]:
-    """Every round the adversary saw, oldest first (`obs` alone when it has no history)."""
-    return obs.history or (obs,)
-
-
-def individual_updates(view: Observation) -> list[ClientUpdate]:
-    """The individual updates of one round that carry information (real clients, ≥ 1 example)."""
-    return [u for u in view.updates if u.client_id >= 0 and u.num_examples > 0]
-
-
-def local_state(
-    model: nn.Module, global_params: TensorDict, update: ClientUpdate, lr: float | None
-) -> TensorDict | None:
-    """The client's model after local training, as the server can rebuild it from the update.
-
-    FedAvg: the global model plus the client's change. FedSGD: one SGD step of the granted
-    learning rate along the client's gradient (None when the rate is unknown). Buffers always
-    travel as their change, so they are added in both cases. Withheld tensors keep the global
-    values: the server never saw the client's.
-    """
-    if update.kind == "gradient" and lr is None:
-        return None
-    parameters = {name for name, _ in model.named_parameters()}
-    sent = set(update.sent_keys)
-    state: TensorDict = {}
-    for key, value in global_params.items():
-        change = update.tensors.get(key)
-        if change is None or key not in sent:
-            state[key] = value
-        elif update.kind == "gradient" and key in parameters:
-            state[key] = value - lr * change  # type: ignore[operator]
-        else:
-            state[key] = value + change.to(value.dtype)
-    return state
-
-
-def record_losses(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) -> Tensor:
-    """Each record's cross-entropy under `state`, float64 (eval mode, no gradient)."""
-    was = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(x), CHUNK):
-            logits = functional_call(model, state, (x[start : start + CHUNK],)).double()
-            target = y[start : start + CHUNK]
-            out.append(nn.functional.cross_entropy(logits, target, reduction="none"))
-    model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def gradient_alignment(
-    model: nn.Module, state: TensorDict, x: Tensor, y: Tensor, update: ClientUpdate
-) -> Tensor:
-    """Each record's first-order loss drop per unit learning rate, ``<grad l(x; theta), g>``.
-
-    A step ``theta - lr * g`` changes the record's loss by ``-lr * <grad l, g>`` to first order,
-    so this ranks clients as :func:`loss_drops` would when the learning rate is unknown. ``g``
-    is the client's gradient, or minus its FedAvg change; only the tensors it sent count.
-    Per-record gradients come from ``torch.func`` (vmap over grad), float64 result.
-    """
-    parameters = dict(model.named_parameters())
-    keys = [k for k in update.sent_keys if k in parameters]
-    sign = 1.0 if update.kind == "gradient" else -1.0
-    direction = {k: sign * update.tensors[k] for k in keys}
-    params = {k: state[k].detach() for k in keys}
-    rest = {k: v for k, v in state.items() if k not in params}
-
-    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
-
-    if not keys:
-        raise ValueError("the update carries none of the model's parameters")
-    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
-    was = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(x), CHUNK):
-        g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
-        dots = torch.zeros(len(g[keys[0]]), dtype=torch.float64)
-        for k in keys:
-            dots += g[k].flatten(1).double() @ direction[k].flatten().double()
-        out.append(dots)
-    model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def resolve_signal(signal: Signal, update: ClientUpdate, lr: float | None) -> str:
@@ -242,7 +141,7 @@ class SourceInferenceAttack(Infers):
 
     def applicable(self, obs: Observation) -> str | None:
         """None when candidates, the architecture and some individual update are at hand."""
-        if candidate_records(obs) is None:
+        if candidates(obs) is None:
             return "no candidate records were given (side_info['candidates'])"
         if not obs.side_info.get("architecture"):
             return "the adversary does not know the model architecture"
@@ -254,7 +153,7 @@ class SourceInferenceAttack(Infers):
                     "sees only their aggregate"
                 )
             return "the server saw no client update"
-        if self.params.signal == "loss_drop" and granted_lr(obs) is None:
+        if self.params.signal == "loss_drop" and local_lr(obs) is None:
             kinds = {u.kind for r in rounds for u in individual_updates(r)}
             if kinds == {"gradient"}:
                 return (
@@ -272,12 +171,12 @@ class SourceInferenceAttack(Infers):
         progress: ProgressFn | None,
     ) -> tuple[Tensor, dict[str, object]]:
         """Score every candidate record against every client (deterministic: `rng` is unused)."""
-        x, y = candidate_records(obs)  # type: ignore[misc]
+        x, y = candidates(obs)  # type: ignore[misc]
         num_clients = self._num_clients(obs)
         drops = torch.zeros(len(y), num_clients, dtype=torch.float64)
         seen = torch.zeros(num_clients, dtype=torch.int64)
         rounds = rounds_of(obs)
-        lr = granted_lr(obs)  # the federation's one local learning rate
+        lr = local_lr(obs)  # the federation's one local learning rate
         signals: set[str] = set()
         used_rounds: list[int] = []
         for done, view in enumerate(rounds, start=1):

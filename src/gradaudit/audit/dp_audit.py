@@ -44,6 +44,7 @@ import scipy.stats
 import torch
 from torch import Tensor, nn
 
+from gradaudit.attacks.signals import record_losses
 from gradaudit.config import DpAuditSpec, FederationSpec, Scenario
 from gradaudit.data.base import Dataset
 from gradaudit.defenses import build_client_defenses, build_server_protocol
@@ -417,18 +418,6 @@ def canary_records(
     return dataset.x_test[pick], (dataset.y_test[pick] + shift) % k, source
 
 
-@torch.no_grad()
-def record_losses(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) -> np.ndarray:
-    """Each record's cross-entropy under `state` (eval mode), float64."""
-    model.load_state_dict(state)
-    model.eval()
-    out = []
-    for start in range(0, len(x), 1024):
-        logits = model(x[start : start + 1024]).double()
-        out.append(nn.functional.cross_entropy(logits, y[start : start + 1024], reduction="none"))
-    return torch.cat(out).numpy() if out else np.zeros(0)
-
-
 # --------------------------------------------------------------------------- the audit run
 
 PartsFactory = Callable[[DefenseContext], tuple[DefenseStack, AggregationProtocol | None]]
@@ -757,7 +746,7 @@ def _sample_audit(
         defenses=defenses,
         protocol=protocol,
     )
-    scores = -record_losses(model, result.final_state, x_can, y_can)
+    scores = -record_losses(model, result.final_state, x_can, y_can).numpy()
     notes = (f"canary records: {source}; each inserted one added to a random client's data",)
     return CanaryRun(scores, defenses, result, notes)
 

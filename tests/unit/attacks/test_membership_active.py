@@ -13,7 +13,7 @@ from gradaudit.attacks.membership.active import (
     ascend,
 )
 from gradaudit.attacks.membership.passive import MembershipLossAttack
-from gradaudit.attacks.membership.signals import record_losses
+from gradaudit.attacks.signals import record_losses
 from gradaudit.config import FederationSpec, LocalSpec
 from gradaudit.data import load_dataset, partition_dataset
 from gradaudit.federation import run_federation

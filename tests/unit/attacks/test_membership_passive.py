@@ -10,8 +10,8 @@ import torch
 from scipy import stats
 
 from gradaudit.attacks import build_attack
-from gradaudit.attacks.membership.signals import record_losses
 from gradaudit.attacks.membership.temporal import loss_drops, one_tailed_evidence
+from gradaudit.attacks.signals import record_losses
 from gradaudit.data import load_dataset
 from gradaudit.metrics.inference import auc
 from gradaudit.models.mlp import MLP

@@ -29,7 +29,7 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     target_update,
 )
-from gradaudit.attacks.membership.signals import (
+from gradaudit.attacks.signals import (
     CHUNK,
     candidates,
     flat,
@@ -164,7 +164,7 @@ class MembershipActiveAttack(Infers):
         sent = obs.global_params
         honest = obs.side_info.get("honest_global_params")
         honest = dict(honest) if isinstance(honest, Mapping) else None
-        local = local_state(sent, update, local_lr(obs))
+        local = local_state(model, sent, update, local_lr(obs))
         if local is not None:
             reference = honest if honest is not None else sent
             scores = record_losses(model, reference, x, y) - record_losses(model, local, x, y)

@@ -33,7 +33,7 @@ from gradaudit.attacks.membership.shadows import (
     shadow_logits,
     train_shadows,
 )
-from gradaudit.attacks.membership.signals import candidates, local_state
+from gradaudit.attacks.signals import candidates, local_state
 from gradaudit.federation.local import has_batchnorm
 from gradaudit.types import AttackResult, Observation, TensorDict
 
@@ -313,7 +313,7 @@ def attacked_model(
     update, reason = target_update(obs)
     if update is None:
         return None, str(reason)
-    state = local_state(obs.global_params, update, lr)
+    state = local_state(None, obs.global_params, update, lr)  # LiRA refuses BatchNorm models
     if state is None:
         return None, "the target's local model cannot be formed"
     how = (

@@ -22,7 +22,7 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     target_update,
 )
-from gradaudit.attacks.membership.signals import (
+from gradaudit.attacks.signals import (
     candidates,
     flat,
     gradient_signals,
@@ -94,7 +94,7 @@ class MembershipLossAttack(Infers):
         """Score every candidate by its (calibrated) loss under the client's local model."""
         update, _ = target_update(obs)
         x, y = candidates(obs)  # type: ignore[misc]
-        state = local_state(obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
+        state = local_state(model, obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
         scores = -record_losses(model, state, x, y)  # type: ignore[arg-type]
         if self.params.calibrate:
             scores = scores + record_losses(model, obs.global_params, x, y)
@@ -165,7 +165,7 @@ class MembershipGradientAttack(Infers):
             _, cos = gradient_signals(model, obs.global_params, x, y, keys, flat(grads, keys))
             scores, statistic = cos, "cosine(record gradient at the global model, update)"
         else:
-            state = local_state(obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
+            state = local_state(model, obs.global_params, update, local_lr(obs))  # type: ignore[arg-type]
             norms, _ = gradient_signals(model, state, x, y, keys)  # type: ignore[arg-type]
             scores, statistic = -norms, "-|record gradient at the local model|"
         return scores, {"statistic": statistic, "update_read_as": how, "parameters": len(keys)}

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from gradaudit.attacks.base import Infers, ProgressFn, Question
-from gradaudit.attacks.membership.signals import (
+from gradaudit.attacks.signals import (
     candidates,
     local_lr,
     local_state,
@@ -54,7 +54,7 @@ def loss_drops(model: nn.Module, obs: Observation, x: Tensor, y: Tensor) -> dict
     for update in obs.updates:
         if update.num_examples == 0:
             continue
-        state = local_state(obs.global_params, update, lr)
+        state = local_state(model, obs.global_params, update, lr)
         if state is not None:
             out[update.client_id] = base - record_losses(model, state, x, y)
     return out

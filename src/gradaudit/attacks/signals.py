@@ -1,4 +1,4 @@
-"""Per-record signals membership attacks compute from a model and an update.
+"""Per-record signals inference attacks compute from a model and the updates the server saw.
 
 All losses and cosines are float64: float32 cross-entropies of well-fitted records round to the
 same value near zero, and the low-FPR end of a ROC is exactly where those records sit.
@@ -35,27 +35,47 @@ def local_lr(obs: Observation) -> float | None:
 
 
 def local_state(
-    global_params: TensorDict, update: ClientUpdate, lr: float | None
+    model: nn.Module | None, global_params: TensorDict, update: ClientUpdate, lr: float | None
 ) -> TensorDict | None:
-    """The client's model after local training, as the server can rebuild it.
+    """The client's model after local training, as the server can rebuild it from the update.
 
-    FedAvg: the global model plus the client's delta. FedSGD: one SGD step of the granted
-    learning rate along the client's gradient (None when the rate is not known). Withheld
-    tensors stay at the global values (the server never saw the client's).
+    FedAvg: the global model plus the client's change. FedSGD: one SGD step of the granted
+    learning rate along the client's gradient (None when the rate is unknown). Buffers always
+    travel as their change, so they are added in both cases (`model` tells parameters from
+    buffers; None treats every tensor as a parameter). Withheld tensors keep the global
+    values: the server never saw the client's.
+
+    Example:
+        >>> up = ClientUpdate(0, 1, "gradient", {"w": torch.tensor([2.0])}, 1)
+        >>> local_state(None, {"w": torch.tensor([1.0])}, up, 0.5)["w"].tolist()
+        [0.0]
     """
-    sent = set(update.sent_keys)
     if update.kind == "gradient" and lr is None:
         return None
+    parameters = (
+        {name for name, _ in model.named_parameters()} if model is not None else set(global_params)
+    )
+    sent = set(update.sent_keys)
     state: TensorDict = {}
     for key, value in global_params.items():
         change = update.tensors.get(key)
         if change is None or key not in sent:
             state[key] = value
-        elif update.kind == "gradient":
-            state[key] = value - lr * change if value.is_floating_point() else value
+        elif update.kind == "gradient" and key in parameters:
+            state[key] = value - lr * change  # type: ignore[operator]
         else:
-            state[key] = value + change
+            state[key] = value + change.to(value.dtype)
     return state
+
+
+def rounds_of(obs: Observation) -> tuple[Observation, ...]:
+    """Every round the adversary saw, oldest first (`obs` alone when it has no history)."""
+    return obs.history or (obs,)
+
+
+def individual_updates(view: Observation) -> list[ClientUpdate]:
+    """The individual updates of one round that carry information (real clients, ≥ 1 example)."""
+    return [u for u in view.updates if u.client_id >= 0 and u.num_examples > 0]
 
 
 def record_losses(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) -> Tensor:
@@ -110,6 +130,43 @@ def gradient_signals(
         torch.cat(norms) if norms else empty,
         (torch.cat(cos) if cos else empty) if direction is not None else None,
     )
+
+
+def gradient_alignment(
+    model: nn.Module, state: TensorDict, x: Tensor, y: Tensor, update: ClientUpdate
+) -> Tensor:
+    """Each record's first-order loss drop per unit learning rate, ``<grad l(x; theta), g>``.
+
+    A step ``theta - lr * g`` changes the record's loss by ``-lr * <grad l, g>`` to first order,
+    so this ranks clients as :func:`loss_drops` would when the learning rate is unknown. ``g``
+    is the client's gradient, or minus its FedAvg change; only the tensors it sent count.
+    Per-record gradients come from ``torch.func`` (vmap over grad), float64 result.
+    """
+    parameters = dict(model.named_parameters())
+    keys = [k for k in update.sent_keys if k in parameters]
+    sign = 1.0 if update.kind == "gradient" else -1.0
+    direction = {k: sign * update.tensors[k] for k in keys}
+    params = {k: state[k].detach() for k in keys}
+    rest = {k: v for k, v in state.items() if k not in params}
+
+    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
+
+    if not keys:
+        raise ValueError("the update carries none of the model's parameters")
+    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
+    was = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(x), CHUNK):
+        g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
+        dots = torch.zeros(len(g[keys[0]]), dtype=torch.float64)
+        for k in keys:
+            dots += g[k].flatten(1).double() @ direction[k].flatten().double()
+        out.append(dots)
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def flat(tensors: TensorDict, keys: list[str]) -> Tensor:
