@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from inference_runs import attack_view, federate
 from sklearn.datasets import load_breast_cancer
 
 from gradaudit.attacks.attribute import (
@@ -18,10 +19,8 @@ from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset
 from gradaudit.data.base import Dataset
 from gradaudit.data.embedded import stratified_split, tabular_dataset
-from gradaudit.federation import FederationResult, run_federation
 from gradaudit.models import build_model
-from gradaudit.seeding import numpy_rng, torch_generator
-from gradaudit.threat import observe
+from gradaudit.seeding import numpy_rng
 from gradaudit.threat.challenge import CHALLENGES, Challenge, ChallengeInputs, numeric_scale
 from gradaudit.types import AttackResult, Observation, TabularSchema
 
@@ -63,35 +62,6 @@ def synthetic(rule: str, *, n: int = 240, n_test: int = 300, seed: int = 0) -> D
     x, y = rows(n)
     x_test, y_test = rows(n_test)
     return tabular_dataset("synthetic", (x, y, x_test, y_test), SCHEMA, ["no", "yes"])
-
-
-def federate(sc: Scenario, data: Dataset, parts: list) -> tuple[torch.nn.Module, FederationResult]:
-    model = build_model(
-        sc.model.kind, sc.model.params, data.info, generator=torch_generator(sc.seed, "model")
-    )
-    rounds = set(range(1, sc.federation.rounds + 1))
-    return model, run_federation(
-        model, data, parts, sc.federation, seed=sc.seed, capture_rounds=rounds
-    )
-
-
-def attack_view(
-    sc: Scenario, data: Dataset, fed: FederationResult, challenge: Challenge
-) -> Observation:
-    """What the runner hands a history attack: every captured round, candidates in each."""
-    public = (data.x_test, data.y_test)
-    views = tuple(
-        observe(
-            sc.threat, fed.captures[r], sc.federation, data.info, data.y_train, public_data=public
-        )
-        for r in sorted(fed.captures)
-    )
-    views = tuple(
-        dataclasses.replace(v, side_info={**v.side_info, "candidates": challenge.public})
-        for v in views
-    )
-    target = next(v for v in views if v.round == sc.threat.target.round)
-    return dataclasses.replace(target, history=views, final_params=fed.final_state)
 
 
 def run_attribute(

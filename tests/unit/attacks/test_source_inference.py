@@ -7,23 +7,22 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from inference_runs import attack_view, federate
 
 from gradaudit.attacks.source import SourceInferenceAttack, SourceInferenceParams, combine_rounds
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset
 from gradaudit.data.base import Dataset
 from gradaudit.data.embedded import tabular_dataset
-from gradaudit.federation import FederationResult, run_federation
-from gradaudit.models import build_model
-from gradaudit.seeding import numpy_rng, torch_generator
-from gradaudit.threat import AGGREGATE_CLIENT, aggregate_view, observe
+from gradaudit.seeding import numpy_rng
+from gradaudit.threat import AGGREGATE_CLIENT, aggregate_view
 from gradaudit.threat.challenge import (
     CHALLENGES,
     SOURCE_PER_CLIENT,
     Challenge,
     ChallengeInputs,
 )
-from gradaudit.types import Observation, TabularSchema
+from gradaudit.types import TabularSchema
 
 KNOWS = ("architecture", "local_hyperparameters")
 
@@ -60,32 +59,6 @@ def clustered(per_client: int = 40, clients: int = 4, seed: int = 0) -> tuple[Da
     data = tabular_dataset("synthetic", (x, y, x_test, y_test), schema, names)
     parts = [np.arange(k * per_client, (k + 1) * per_client) for k in range(clients)]
     return data, parts
-
-
-def federate(sc: Scenario, data: Dataset, parts: list) -> tuple[torch.nn.Module, FederationResult]:
-    model = build_model(
-        sc.model.kind, sc.model.params, data.info, generator=torch_generator(sc.seed, "model")
-    )
-    rounds = set(range(1, sc.federation.rounds + 1))
-    return model, run_federation(
-        model, data, parts, sc.federation, seed=sc.seed, capture_rounds=rounds
-    )
-
-
-def attack_view(
-    sc: Scenario, data: Dataset, fed: FederationResult, challenge: Challenge
-) -> Observation:
-    """What the runner hands a history attack: every captured round, candidates in each."""
-    views = tuple(
-        observe(sc.threat, fed.captures[r], sc.federation, data.info, data.y_train)
-        for r in sorted(fed.captures)
-    )
-    views = tuple(
-        dataclasses.replace(v, side_info={**v.side_info, "candidates": challenge.public})
-        for v in views
-    )
-    target = next(v for v in views if v.round == sc.threat.target.round)
-    return dataclasses.replace(target, history=views, final_params=fed.final_state)
 
 
 def accuracy(scores: torch.Tensor, truth: np.ndarray) -> float:
