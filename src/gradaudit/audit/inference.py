@@ -35,7 +35,15 @@ def score_inference(scores: np.ndarray, challenge: Challenge) -> dict[str, Any]:
         metrics, intervals, notes = binary_metrics(scores, challenge.truth)
         curve = roc(scores, challenge.truth)
         out = {"roc": thin_roc(curve.fpr, curve.tpr)}
-        counts = {"members": curve.positives, "non_members": curve.negatives}
+        yes, no = (
+            ("members", "non_members")
+            if challenge.question == "membership"
+            else (
+                "positives",
+                "negatives",
+            )
+        )
+        counts = {yes: curve.positives, no: curve.negatives}
     else:
         metrics, intervals, notes = choice_metrics(scores, challenge.truth, challenge.baseline)
         out = {}

@@ -85,15 +85,17 @@ def _binary_finding(item: Mapping[str, Any], where: str, findings: list[str]) ->
     """Append the finding of a yes/no inference attack; return its level (0, 1 or 2)."""
     m = item["metrics"]
     tpr = m.get("tpr_at_fpr_0.01", 0.0)
-    what = "membership of" if item.get("question") == "membership" else "the property of"
+    if item.get("question") == "membership":
+        what, apart = f"the membership of {where}'s records", f"{where}'s members apart"
+    else:
+        what = "which updates came from data with the property"
+        apart = "updates with the property apart"
     numbers = f"AUC {m['auc']:.2f}, TPR {tpr:.1%} at 1% FPR"
     if tpr >= MEMBERSHIP_HIGH_TPR:
-        findings.append(
-            f"{item['attack']} inferred the {what} {where}'s records confidently ({numbers})."
-        )
+        findings.append(f"{item['attack']} inferred {what} confidently ({numbers}).")
         return 2
     if m["auc"] >= MEMBERSHIP_MEDIUM_AUC:
-        findings.append(f"{item['attack']} inferred the {what} {where}'s records ({numbers}).")
+        findings.append(f"{item['attack']} inferred {what} ({numbers}).")
         return 1
-    findings.append(f"{item['attack']} barely told {where}'s records apart ({numbers}).")
+    findings.append(f"{item['attack']} barely told {apart} ({numbers}).")
     return 0
