@@ -31,6 +31,7 @@ example-level DP-SGD) and returns the report block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -45,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from gradaudit.attacks.signals import record_losses
-from gradaudit.config import DpAuditSpec, FederationSpec, Scenario
+from gradaudit.config import DpAuditSpec, Scenario
 from gradaudit.data.base import Dataset
-from gradaudit.defenses import build_client_defenses, build_server_protocol
+from gradaudit.defenses import build_defenses
 from gradaudit.defenses.base import DefenseContext, DefenseStack
 from gradaudit.defenses.client.dp_gaussian import default_delta
 from gradaudit.defenses.server.base import AggregationProtocol
@@ -444,12 +445,7 @@ class CanaryRun:
 def scenario_parts(scenario: Scenario) -> PartsFactory:
     """The factory of `scenario`'s own defenses and protocol (what the audited run uses)."""
 
-    def build(context: DefenseContext) -> tuple[DefenseStack, AggregationProtocol | None]:
-        defenses = build_client_defenses(scenario.defenses.client, context)
-        protocol = build_server_protocol(scenario.defenses.server, context)
-        return defenses, protocol
-
-    return build
+    return functools.partial(build_defenses, scenario.defenses)
 
 
 def dp_level(scenario: Scenario) -> str | None:
@@ -593,23 +589,6 @@ def run_dp_audit(
     }
 
 
-def _context(
-    model: nn.Module,
-    federation: FederationSpec,
-    sizes: Sequence[int],
-    dataset: Dataset,
-    seed: int,
-) -> DefenseContext:
-    return DefenseContext(
-        model=model,
-        federation=federation,
-        num_clients=len(sizes),
-        client_sizes=tuple(int(s) for s in sizes),
-        task=dataset.info,
-        seed=seed,
-    )
-
-
 def _clip_norm(scenario: Scenario) -> float | None:
     """The initial clip norm of a defense that clips whole updates (dp_gaussian at client or
     local level), else None."""
@@ -647,8 +626,7 @@ def _client_audit(
         cohort = max(1, round(fed.clients_per_round * (real + members.size) / real))
         fed = fed.model_copy(update={"clients_per_round": min(cohort, real + members.size)})
     indices = [*clients, *[np.zeros(0, np.int64)] * members.size]
-    sizes = [len(c) for c in indices]
-    context = _context(model, fed, sizes, dataset, seed)
+    context = DefenseContext(model, fed, tuple(len(c) for c in indices), dataset.info, seed)
     try:
         defenses, protocol = (build_parts or scenario_parts(scenario))(context)
     except ConfigError as exc:
@@ -735,7 +713,9 @@ def _sample_audit(
         groups_train=None,
     )
     model = build_model()
-    context = _context(model, scenario.federation, [len(c) for c in indices], augmented, seed)
+    context = DefenseContext(
+        model, scenario.federation, tuple(len(c) for c in indices), augmented.info, seed
+    )
     defenses, protocol = (build_parts or scenario_parts(scenario))(context)
     result = run_federation(
         model,

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradaudit.config import Scenario
 from gradaudit.data.base import Dataset
-from gradaudit.defenses import build_client_defenses, build_server_protocol
+from gradaudit.defenses import build_defenses
 from gradaudit.defenses.base import DefenseContext
 from gradaudit.federation import run_federation
 from gradaudit.threat import observe
@@ -69,16 +69,9 @@ def malicious_observation(
         )
     target = threat.target
     model = build_model()
-    context = DefenseContext(
-        model=model,
-        federation=scenario.federation,
-        num_clients=scenario.data.num_clients,
-        client_sizes=tuple(len(c) for c in clients),
-        task=dataset.info,
-        seed=scenario.seed,
-    )
-    defenses = build_client_defenses(scenario.defenses.client, context)
-    protocol = build_server_protocol(scenario.defenses.server, context)
+    sizes = tuple(len(c) for c in clients)
+    context = DefenseContext(model, scenario.federation, sizes, dataset.info, scenario.seed)
+    defenses, protocol = build_defenses(scenario.defenses, context)
     if protocol is not None and protocol.visibility is not Visibility.INDIVIDUAL:
         return (
             f"the server sees only the aggregate under {protocol.name}, so it cannot see how the "

@@ -40,7 +40,7 @@ from gradaudit.audit.scoring import (
 )
 from gradaudit.config import Scenario
 from gradaudit.data import load_dataset, partition_dataset, subsample
-from gradaudit.defenses import build_client_defenses, build_server_protocol
+from gradaudit.defenses import build_defenses
 from gradaudit.defenses.base import DefenseContext, DefenseStack
 from gradaudit.federation import Capture, RoundRecord, run_federation
 from gradaudit.models import build_model
@@ -152,16 +152,9 @@ def run_audit(
         generator=torch_generator(seed, "model"),
     )
 
-    context = DefenseContext(
-        model=model,
-        federation=scenario.federation,
-        num_clients=scenario.data.num_clients,
-        client_sizes=tuple(len(c) for c in clients),
-        task=dataset.info,
-        seed=seed,
-    )
-    defenses = build_client_defenses(scenario.defenses.client, context)
-    protocol = build_server_protocol(scenario.defenses.server, context)
+    sizes = tuple(len(c) for c in clients)
+    context = DefenseContext(model, scenario.federation, sizes, dataset.info, seed)
+    defenses, protocol = build_defenses(scenario.defenses, context)
     visibility = protocol.visibility if protocol is not None else Visibility.INDIVIDUAL
     attacks = [
         build_attack(spec.kind, spec.params, where=f"attacks[{index}].params")

@@ -66,7 +66,19 @@ def build_server_protocol(specs: Sequence[Any], context: Any) -> Any:
         raise ConfigError(f"defenses.server[0] ({spec.kind}): {exc}") from None
 
 
+def build_defenses(spec: Any, context: Any) -> tuple[Any, Any]:
+    """The client defenses and the aggregation protocol of a scenario's ``defenses`` block:
+    ``(DefenseStack, AggregationProtocol | None)``, each built as above."""
+    return build_client_defenses(spec.client, context), build_server_protocol(spec.server, context)
+
+
 from gradaudit.defenses import client as _client  # noqa: E402,F401  (registers the defenses)
 from gradaudit.defenses import server as _server  # noqa: E402,F401
 
-__all__ = ["CLIENT_DEFENSES", "SERVER_DEFENSES", "build_client_defenses", "build_server_protocol"]
+__all__ = [
+    "CLIENT_DEFENSES",
+    "SERVER_DEFENSES",
+    "build_client_defenses",
+    "build_defenses",
+    "build_server_protocol",
+]

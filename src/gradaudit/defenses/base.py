@@ -48,18 +48,21 @@ class DefenseContext:
     Attributes:
         model: the architecture (read its structure; do not train it).
         federation: the federation settings.
-        num_clients: clients in the federation.
-        client_sizes: training examples per client.
+        client_sizes: training examples per client (one entry per client).
         task: public facts about the task.
         seed: the scenario seed.
     """
 
     model: nn.Module
     federation: FederationSpec
-    num_clients: int
     client_sizes: tuple[int, ...]
     task: TaskInfo
     seed: int = 0
+
+    @property
+    def num_clients(self) -> int:
+        """Clients in the federation."""
+        return len(self.client_sizes)
 
     @property
     def param_names(self) -> frozenset[str]:

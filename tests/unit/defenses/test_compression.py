@@ -42,7 +42,7 @@ def digits():
 
 def _context(task, model: nn.Module | None = None, rounds: int = 1) -> DefenseContext:
     model = model or nn.Linear(2, 2)
-    return DefenseContext(model, FederationSpec(rounds=rounds), 4, (10,) * 4, task)
+    return DefenseContext(model, FederationSpec(rounds=rounds), (10,) * 4, task)
 
 
 def _build(kind: str, params: dict, context: DefenseContext):
@@ -267,7 +267,7 @@ def _federate(digits, specs: list[ComponentSpec]):
     )
     model = build_model("mlp", {"hidden": [32]}, digits.info, generator=torch_generator(0, "m"))
     spec = FederationSpec(rounds=1)
-    context = DefenseContext(model, spec, 4, tuple(len(c) for c in clients), digits.info)
+    context = DefenseContext(model, spec, tuple(len(c) for c in clients), digits.info)
     defenses = build_client_defenses(specs, context)
     return run_federation(
         model, digits, clients, spec, seed=0, capture_rounds={1}, defenses=defenses

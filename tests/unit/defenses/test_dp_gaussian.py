@@ -31,7 +31,7 @@ def _setup(digits, fed: FederationSpec, dp: dict, *, clients: int = 6, model: st
     parts = partition_dataset(
         "iid", {}, digits.y_train.numpy(), clients, rng=numpy_rng(0, "partition"), groups=None
     )
-    context = DefenseContext(net, fed, clients, tuple(len(p) for p in parts), digits.info, 0)
+    context = DefenseContext(net, fed, tuple(len(p) for p in parts), digits.info, 0)
     stack = build_client_defenses([ComponentSpec(kind="dp_gaussian", params=dp)], context)
     return net, parts, stack
 
@@ -238,7 +238,7 @@ def test_batchnorm_on_batch_statistics_is_a_config_error(digits) -> None:
     net = build_model(
         "resnet", {"depth": 8, "width": 4}, digits.info, generator=torch_generator(0, "m")
     )
-    context = DefenseContext(net, fed, 2, (10, 10), digits.info, 0)
+    context = DefenseContext(net, fed, (10, 10), digits.info, 0)
     with pytest.raises(ConfigError, match=r"defenses.client\[0\].*batchnorm: frozen"):
         build_client_defenses([ComponentSpec(kind="dp_gaussian", params={})], context)
 

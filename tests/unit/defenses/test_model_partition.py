@@ -45,7 +45,7 @@ def _parts(digits):
 
 def _context(digits, net, fed: FederationSpec) -> DefenseContext:
     sizes = tuple(len(p) for p in _parts(digits))
-    return DefenseContext(net, fed, CLIENTS, sizes, digits.info, 0)
+    return DefenseContext(net, fed, sizes, digits.info, 0)
 
 
 def _stack(digits, net, fed: FederationSpec, kind: str, params: dict | None = None):

@@ -36,7 +36,7 @@ def digits():
 
 
 def _context(task, model: nn.Module = CONV, rounds: int = 1) -> DefenseContext:
-    return DefenseContext(model, FederationSpec(rounds=rounds), 4, (10,) * 4, task)
+    return DefenseContext(model, FederationSpec(rounds=rounds), (10,) * 4, task)
 
 
 def _build(kind: str, params: dict, context: DefenseContext):
@@ -240,7 +240,7 @@ def _federate(digits, kind: str, specs: list[ComponentSpec], spec: FederationSpe
     )
     params = {"hidden": [32]} if kind == "mlp" else {}
     model = build_model(kind, params, digits.info, generator=torch_generator(0, "m"))
-    context = DefenseContext(model, spec, 4, tuple(len(c) for c in clients), digits.info)
+    context = DefenseContext(model, spec, tuple(len(c) for c in clients), digits.info)
     defenses = build_client_defenses(specs, context)
     return run_federation(
         model,

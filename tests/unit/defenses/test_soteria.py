@@ -48,7 +48,7 @@ def _hand_built() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def _defense(net: nn.Module, task, params: dict):
     fed = FederationSpec()
-    context = DefenseContext(net, fed, 1, (2,), task, 0)
+    context = DefenseContext(net, fed, (2,), task, 0)
     specs = [ComponentSpec(kind="soteria", params=params)]
     (defense,) = build_client_defenses(specs, context).defenses
     return defense
@@ -155,7 +155,7 @@ def test_soteria_in_the_round_loop_prunes_the_head_only(digits, algorithm) -> No
 
     def run(defended: bool):
         net = build_model("mlp", {"hidden": [40]}, digits.info, generator=torch_generator(0, "m"))
-        context = DefenseContext(net, fed, CLIENTS, tuple(map(len, parts)), digits.info, 0)
+        context = DefenseContext(net, fed, tuple(map(len, parts)), digits.info, 0)
         specs = [ComponentSpec(kind="soteria", params={})] if defended else []
         stack = build_client_defenses(specs, context)
         return run_federation(net, digits, parts, fed, seed=0, capture_rounds={1}, defenses=stack)

@@ -182,7 +182,6 @@ def test_crafted_client_goes_through_the_client_defenses(digits, parts) -> None:
     context = DefenseContext(
         model=model,
         federation=fed,
-        num_clients=5,
         client_sizes=tuple(len(c) for c in indices),
         task=digits.info,
     )

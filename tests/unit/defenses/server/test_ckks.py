@@ -285,7 +285,7 @@ def test_check_tensor_bytes_accepts_a_tensor_and_refuses_the_empty_message() -> 
 def test_registered_factory_sizes_the_encoding_for_the_cohort() -> None:
     # Prepare
     context = DefenseContext(
-        nn.Linear(2, 2), FederationSpec(clients_per_round=10), 100, (5,) * 100, TASK
+        nn.Linear(2, 2), FederationSpec(clients_per_round=10), (5,) * 100, TASK
     )
     params = SERVER_DEFENSES.parse_params("ckks", {"key_model": "shared"})
 

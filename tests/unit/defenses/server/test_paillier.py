@@ -203,7 +203,7 @@ def test_the_report_says_the_updates_stay_visible(protocol: Paillier) -> None:
 
 
 def test_registered_factory_and_parameters() -> None:
-    context = DefenseContext(nn.Linear(2, 2), FederationSpec(), 7, (5,) * 7, TASK)
+    context = DefenseContext(nn.Linear(2, 2), FederationSpec(), (5,) * 7, TASK)
     params = SERVER_DEFENSES.parse_params("paillier", {"key_length": 1024})
     built = SERVER_DEFENSES.get("paillier")(params, context)
     assert isinstance(built, Paillier) and built.max_cohort == 7

@@ -29,7 +29,7 @@ def digits():
 def _run(digits, spec, *, protocol=None, client_defenses=()):
     model = build_model("mlp", {"hidden": [16]}, digits.info, generator=torch_generator(0, "m"))
     clients = [np.arange(i, 400, 5) for i in range(5)]
-    context = DefenseContext(model, spec, 5, tuple(len(c) for c in clients), digits.info, seed=0)
+    context = DefenseContext(model, spec, tuple(len(c) for c in clients), digits.info, seed=0)
     defenses = build_client_defenses(client_defenses, context)
     return run_federation(
         model,
