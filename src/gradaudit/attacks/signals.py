@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
+from gradaudit.defenses.dp import per_example_gradients
 from gradaudit.types import ClientUpdate, Observation, TensorDict
 
 CHUNK = 512
@@ -104,22 +105,16 @@ def gradient_signals(
     """Each record's loss-gradient norm over the parameters `keys`, and its cosine with
     `direction` (a flat vector over the same keys), both float64.
 
-    Per-example gradients with ``torch.func`` (vmap over grad), in eval mode, a chunk at a time
-    so that no (N, P) matrix is kept.
+    Per-example gradients (:func:`gradaudit.defenses.dp.per_example_gradients`) in eval mode,
+    a chunk at a time so that no (N, P) matrix is kept.
     """
-    params = {k: state[k].detach() for k in keys}
-    rest = {k: v for k, v in state.items() if k not in params}
-
-    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
-
-    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
     was = model.training
     model.eval()
     norms, cos = [], []
     for start in range(0, len(x), CHUNK):
-        g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
+        g = per_example_gradients(
+            model, x[start : start + CHUNK], y[start : start + CHUNK], state=state
+        )
         rows = torch.cat([g[k].flatten(1) for k in keys], dim=1).double()
         norms.append(rows.norm(dim=1))
         if direction is not None:
@@ -140,27 +135,22 @@ def gradient_alignment(
     A step ``theta - lr * g`` changes the record's loss by ``-lr * <grad l, g>`` to first order,
     so this ranks clients as :func:`loss_drops` would when the learning rate is unknown. ``g``
     is the client's gradient, or minus its FedAvg change; only the tensors it sent count.
-    Per-record gradients come from ``torch.func`` (vmap over grad), float64 result.
+    Per-record gradients from :func:`gradaudit.defenses.dp.per_example_gradients`, float64
+    result.
     """
     parameters = dict(model.named_parameters())
     keys = [k for k in update.sent_keys if k in parameters]
     sign = 1.0 if update.kind == "gradient" else -1.0
     direction = {k: sign * update.tensors[k] for k in keys}
-    params = {k: state[k].detach() for k in keys}
-    rest = {k: v for k, v in state.items() if k not in params}
-
-    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
-
     if not keys:
         raise ValueError("the update carries none of the model's parameters")
-    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
     was = model.training
     model.eval()
     out = []
     for start in range(0, len(x), CHUNK):
-        g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
+        g = per_example_gradients(
+            model, x[start : start + CHUNK], y[start : start + CHUNK], state=state
+        )
         dots = torch.zeros(len(g[keys[0]]), dtype=torch.float64)
         for k in keys:
             dots += g[k].flatten(1).double() @ direction[k].flatten().double()

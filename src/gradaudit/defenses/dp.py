@@ -19,10 +19,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 
-def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def per_example_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, *, state: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """The gradient of each example's cross-entropy, keyed like ``model.named_parameters()``.
 
     Each tensor has a leading batch dimension: ``grads[name][i]`` is example i's gradient.
+    With `state` (a ``state_dict``-keyed mapping) the gradients are taken at those weights and
+    buffers instead of the model's own; the model is not changed.
 
     Raises:
         ValueError: the model has BatchNorm, whose batch statistics mix the examples (per-example
@@ -33,8 +37,8 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, T
             "per-example gradients are undefined for BatchNorm on batch statistics (it mixes the "
             "examples of a batch); use norm=group, or federation.local.batchnorm=frozen"
         )
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    params = {n: (p if state is None else state[n]).detach() for n, p in model.named_parameters()}
+    buffers = {n: (b if state is None else state[n]).detach() for n, b in model.named_buffers()}
 
     def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))

@@ -20,7 +20,6 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from gradaudit.attacks.base import (
     Infers,
@@ -38,6 +37,7 @@ from gradaudit.attacks.signals import (
     local_state,
     record_losses,
 )
+from gradaudit.defenses.dp import per_example_gradients
 from gradaudit.types import Observation, TensorDict
 
 
@@ -68,19 +68,15 @@ def ascend(
     """
     names = [name for name, _ in model.named_parameters()]
     params = {k: state[k].detach().clone() for k in names}
-    rest = {k: v for k, v in state.items() if k not in params}
-
-    def loss(p: TensorDict, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, (p, rest), (xi.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
-
-    per_record = vmap(grad(loss), in_dims=(None, 0, 0))
     was = model.training
     model.eval()
     for _ in range(steps):
         step = {k: torch.zeros_like(v) for k, v in params.items()}
+        at = {**state, **params}
         for start in range(0, len(x), CHUNK):
-            g = per_record(params, x[start : start + CHUNK], y[start : start + CHUNK])
+            g = per_example_gradients(
+                model, x[start : start + CHUNK], y[start : start + CHUNK], state=at
+            )
             norms = torch.sqrt(sum((v.flatten(1).double() ** 2).sum(1) for v in g.values()))
             scale = (lr / norms.clamp_min(1e-12)).to(x.dtype)
             for k, v in g.items():
