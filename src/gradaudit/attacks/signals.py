@@ -27,6 +27,16 @@ def candidates(obs: Observation) -> tuple[Tensor, Tensor] | None:
     return entry["x"], entry["y"]  # type: ignore[return-value]
 
 
+def unanswerable(obs: Observation) -> str | None:
+    """Why an attack on the candidate records cannot start (none were given, or the adversary
+    does not know the architecture), or None."""
+    if candidates(obs) is None:
+        return "no candidate records were given (side_info['candidates'])"
+    if not obs.side_info.get("architecture"):
+        return "the adversary does not know the model architecture"
+    return None
+
+
 def local_lr(obs: Observation) -> float | None:
     """The clients' local learning rate, when the threat model grants the hyperparameters."""
     hyper = obs.side_info.get("local_hyperparameters")

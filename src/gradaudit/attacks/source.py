@@ -30,6 +30,7 @@ from gradaudit.attacks.signals import (
     local_state,
     record_losses,
     rounds_of,
+    unanswerable,
 )
 from gradaudit.types import ClientUpdate, Observation
 
@@ -141,10 +142,9 @@ class SourceInferenceAttack(Infers):
 
     def applicable(self, obs: Observation) -> str | None:
         """None when candidates, the architecture and some individual update are at hand."""
-        if candidates(obs) is None:
-            return "no candidate records were given (side_info['candidates'])"
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
+        reason = unanswerable(obs)
+        if reason is not None:
+            return reason
         rounds = rounds_of(obs)
         if not any(individual_updates(r) for r in rounds):
             if any(r.aggregate is not None for r in rounds):

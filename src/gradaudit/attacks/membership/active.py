@@ -28,6 +28,7 @@ from gradaudit.attacks.base import (
     gradient_estimate,
     target_update,
 )
+from gradaudit.attacks.membership.passive import membership_inputs
 from gradaudit.attacks.signals import (
     CHUNK,
     candidates,
@@ -127,11 +128,7 @@ class MembershipActiveAttack(Infers):
 
     def applicable(self, obs: Observation) -> str | None:
         """None when the candidates, the architecture and the target's own update are at hand."""
-        if candidates(obs) is None:
-            return "no candidate records were given (side_info['candidates'])"
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
-        _, reason = target_update(obs)
+        _, reason = membership_inputs(obs)
         return reason
 
     def infer(

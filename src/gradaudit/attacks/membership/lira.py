@@ -33,7 +33,7 @@ from gradaudit.attacks.membership.shadows import (
     shadow_logits,
     train_shadows,
 )
-from gradaudit.attacks.signals import candidates, local_state
+from gradaudit.attacks.signals import candidates, local_state, unanswerable
 from gradaudit.federation.local import has_batchnorm
 from gradaudit.types import AttackResult, Observation, TensorDict
 
@@ -422,10 +422,9 @@ class LiraAttack(Infers):
 
     def _setup(self, obs: Observation) -> tuple[Schedule, TargetModel] | str:
         """The shadows' schedule and the attacked model, or the reason the attack cannot run."""
-        if candidates(obs) is None:
-            return "no candidate records were given (side_info['candidates'])"
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
+        reason = unanswerable(obs)
+        if reason is not None:
+            return reason
         schedule, reason = shadow_schedule(self.params, obs)
         if schedule is None:
             return str(reason)

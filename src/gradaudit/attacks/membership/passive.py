@@ -29,17 +29,15 @@ from gradaudit.attacks.signals import (
     local_lr,
     local_state,
     record_losses,
+    unanswerable,
 )
 from gradaudit.types import ClientUpdate, Observation
 
 
 def membership_inputs(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
     """The target's update when a one-update membership attack can run, else the reason."""
-    if candidates(obs) is None:
-        return None, "no candidate records were given (side_info['candidates'])"
-    if not obs.side_info.get("architecture"):
-        return None, "the adversary does not know the model architecture"
-    return target_update(obs)
+    reason = unanswerable(obs)
+    return (None, reason) if reason is not None else target_update(obs)
 
 
 class MembershipLossParams(BaseModel):

@@ -21,6 +21,8 @@ from gradaudit.attacks.signals import (
     local_lr,
     local_state,
     record_losses,
+    rounds_of,
+    unanswerable,
 )
 from gradaudit.types import Observation
 
@@ -89,11 +91,10 @@ class MembershipTemporalAttack(Infers):
     def applicable(self, obs: Observation) -> str | None:
         """None when the candidates, the architecture and a round with the target's update are
         at hand (and, for ``others``, a round with enough other clients)."""
-        if candidates(obs) is None:
-            return "no candidate records were given (side_info['candidates'])"
-        if not obs.side_info.get("architecture"):
-            return "the adversary does not know the model architecture"
-        rounds = obs.history or (obs,)
+        reason = unanswerable(obs)
+        if reason is not None:
+            return reason
+        rounds = rounds_of(obs)
         seen = [r for r in rounds if r.update_of(obs.target_client) is not None]
         if not seen:
             if any(r.aggregate is not None and not r.updates for r in rounds):
@@ -125,7 +126,7 @@ class MembershipTemporalAttack(Infers):
     ) -> tuple[Tensor, dict[str, object]]:
         """Sum each record's per-round evidence over the rounds in which the target took part."""
         x, y = candidates(obs)  # type: ignore[misc]
-        rounds = obs.history or (obs,)
+        rounds = rounds_of(obs)
         seen = [r for r in rounds if r.update_of(obs.target_client) is not None]
         mode = self.params.reference
         if mode == "auto":
