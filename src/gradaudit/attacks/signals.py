@@ -104,6 +104,27 @@ def record_losses(model: nn.Module, state: TensorDict, x: Tensor, y: Tensor) -> 
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def loss_drop(
+    model: nn.Module,
+    global_params: TensorDict,
+    update: ClientUpdate,
+    x: Tensor,
+    y: Tensor,
+    lr: float | None,
+    *,
+    base: Tensor | None = None,
+) -> Tensor | None:
+    """Each record's loss under the global model minus under the client's local model
+    (float64; `base` may pass the first term in, computed once per round), or None when the
+    local model cannot be formed (a FedSGD gradient without the learning rate)."""
+    state = local_state(model, global_params, update, lr)
+    if state is None:
+        return None
+    if base is None:
+        base = record_losses(model, global_params, x, y)
+    return base - record_losses(model, state, x, y)
+
+
 def gradient_signals(
     model: nn.Module,
     state: TensorDict,

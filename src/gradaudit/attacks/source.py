@@ -27,7 +27,7 @@ from gradaudit.attacks.signals import (
     gradient_alignment,
     individual_updates,
     local_lr,
-    local_state,
+    loss_drop,
     record_losses,
     rounds_of,
     unanswerable,
@@ -64,12 +64,10 @@ def loss_change(
     """
     if signal == "gradient_alignment":
         return gradient_alignment(model, view.global_params, x, y, update)
-    state = local_state(model, view.global_params, update, lr)
-    if state is None:
+    drop = loss_drop(model, view.global_params, update, x, y, lr, base=base)
+    if drop is None:
         raise ValueError("a FedSGD client's local model needs the granted learning rate")
-    if base is None:
-        base = record_losses(model, view.global_params, x, y)
-    return base - record_losses(model, state, x, y)
+    return drop
 
 
 # --------------------------------------------------------------------------- the attack

@@ -19,7 +19,7 @@ from gradaudit.attacks.base import Infers, ProgressFn, Question
 from gradaudit.attacks.signals import (
     candidates,
     local_lr,
-    local_state,
+    loss_drop,
     record_losses,
     rounds_of,
     unanswerable,
@@ -56,9 +56,9 @@ def loss_drops(model: nn.Module, obs: Observation, x: Tensor, y: Tensor) -> dict
     for update in obs.updates:
         if update.num_examples == 0:
             continue
-        state = local_state(model, obs.global_params, update, lr)
-        if state is not None:
-            out[update.client_id] = base - record_losses(model, state, x, y)
+        drop = loss_drop(model, obs.global_params, update, x, y, lr, base=base)
+        if drop is not None:
+            out[update.client_id] = drop
     return out
 
 
