@@ -104,12 +104,38 @@ class TabularSchema:
 
     A row of ``x`` holds the numeric features first (standardised floats), then one column per
     categorical feature holding its integer code (stored as a float; missing is its own code).
+    `numeric_mean` and `numeric_std` are what each numeric column was standardised with,
+    ``x = (raw - mean) / std`` (raw units; empty when the loader did not standardise); they
+    describe the preprocessing, not the data's identity, so they take no part in equality.
     """
 
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
     cardinalities: tuple[int, ...]
     categories: tuple[tuple[str, ...], ...] = ()
+    numeric_mean: tuple[float, ...] = field(default=(), compare=False)
+    numeric_std: tuple[float, ...] = field(default=(), compare=False)
+
+    def raw_scale(self, column: str) -> tuple[float, float]:
+        """``(mean, std)`` of numeric `column` in raw units: ``raw = x * std + mean``.
+
+        Raises:
+            ValueError: `column` is not numeric, or the loader kept no standardisation.
+
+        Example:
+            >>> TabularSchema(("age",), (), (), numeric_mean=(54.0,), numeric_std=(9.0,)
+            ...               ).raw_scale("age")
+            (54.0, 9.0)
+        """
+        if column not in self.numeric:
+            raise ValueError(f"no numeric column {column!r}; numeric: {list(self.numeric)}")
+        if len(self.numeric_mean) != len(self.numeric):
+            raise ValueError(
+                f"{column!r}: raw units are known only where the loader recorded its "
+                "standardisation; give the values in model units (units: model)"
+            )
+        i = self.numeric.index(column)
+        return self.numeric_mean[i], self.numeric_std[i]
 
     @property
     def num_features(self) -> int:

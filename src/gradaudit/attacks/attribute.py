@@ -53,8 +53,8 @@ class AttributeInferenceParams(BaseModel):
             ``< 50``, ``50 to < 60`` or ``>= 60``. Required for numeric columns, refused for
             categorical ones (their answers are the category codes).
         units: ``raw``: the edges are in the dataset's original units (years), converted with
-            the train split's standardisation (heart_disease, adult and breast_cancer re-read
-            their files for it); ``model``: the edges are standardised values as stored.
+            the train split's standardisation the loader recorded
+            (``TabularSchema.raw_scale``); ``model``: the edges are standardised values as stored.
         signal: ``loss``: the completed record's log-likelihood ``-loss`` under the target's
             local model (global model + its update), averaged over the rounds it took part in:
             Fredrikson et al.'s rule on the client's model; ``loss_drop``: the loss under the

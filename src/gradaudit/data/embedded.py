@@ -127,7 +127,9 @@ def image_dataset(
     )
 
 
-def impute_and_standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def impute_and_standardize(
+    train: np.ndarray, test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], tuple[float, ...]]:
     """Fill NaNs with the train median, then standardise with the train mean/std, per column.
 
     A column that is all missing in train is imputed with 0; a constant column keeps std 1.
@@ -137,7 +139,8 @@ def impute_and_standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndar
         test: float (M, D) test columns, NaN where missing.
 
     Returns:
-        The standardised float32 train and test columns.
+        The standardised float32 train and test columns, and the per-column mean and std they
+        were standardised with (for ``TabularSchema.numeric_mean`` / ``numeric_std``).
     """
     train = np.array(train, dtype=np.float64)
     test = np.array(test, dtype=np.float64)
@@ -151,7 +154,12 @@ def impute_and_standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndar
     mean = train.mean(axis=0) if len(train) else np.zeros(train.shape[1])
     std = train.std(axis=0) if len(train) else np.ones(train.shape[1])
     std = np.where(std > 0, std, 1.0)
-    return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
+    return (
+        ((train - mean) / std).astype(np.float32),
+        ((test - mean) / std).astype(np.float32),
+        tuple(float(m) for m in mean),
+        tuple(float(d) for d in std),
+    )
 
 
 def tabular_dataset(
@@ -240,9 +248,11 @@ def breast_cancer(data_dir: Path | None = None) -> Dataset:
     features = np.asarray(bunch.data, dtype=np.float64)
     labels = np.asarray(bunch.target, dtype=np.int64)
     train, test = stratified_split(labels)
-    x_train, x_test = impute_and_standardize(features[train], features[test])
+    x_train, x_test, mean, std = impute_and_standardize(features[train], features[test])
     names = tuple(str(n) for n in bunch.feature_names)
-    schema = TabularSchema(numeric=names, categorical=(), cardinalities=())
+    schema = TabularSchema(
+        numeric=names, categorical=(), cardinalities=(), numeric_mean=mean, numeric_std=std
+    )
     return tabular_dataset(
         "breast_cancer",
         (x_train, labels[train], x_test, labels[test]),

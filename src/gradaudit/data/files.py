@@ -424,7 +424,9 @@ def heart_disease(data_dir: Path | None) -> Dataset:
     path = require_file(data_dir, _HEART_FILE, "heart_disease")
     table = _read_heart(path)
     train, test = stratified_split(table.sites * 2 + table.labels)
-    num_train, num_test = impute_and_standardize(table.numeric[train], table.numeric[test])
+    num_train, num_test, mean, std = impute_and_standardize(
+        table.numeric[train], table.numeric[test]
+    )
     x_train = np.hstack([num_train, table.codes[train].astype(np.float32)])
     x_test = np.hstack([num_test, table.codes[test].astype(np.float32)])
     schema = TabularSchema(
@@ -432,6 +434,8 @@ def heart_disease(data_dir: Path | None) -> Dataset:
         categorical=tuple(_HEART_CATEGORIES),
         cardinalities=tuple(len(d) + 1 for d in _HEART_CATEGORIES.values()),
         categories=tuple((*(name for _, name in d), MISSING) for d in _HEART_CATEGORIES.values()),
+        numeric_mean=mean,
+        numeric_std=std,
     )
     return tabular_dataset(
         "heart_disease",
@@ -562,13 +566,15 @@ def adult(data_dir: Path | None) -> Dataset:
     test_path = require_file(data_dir, _ADULT_TEST_FILE, "adult")
     num_train, cat_train, y_train = _read_adult(train_path)
     num_test, cat_test, y_test = _read_adult(test_path)
-    num_train, num_test = impute_and_standardize(num_train, num_test)
+    num_train, num_test, mean, std = impute_and_standardize(num_train, num_test)
     codes_train, codes_test, categories = _category_codes(cat_train, cat_test)
     schema = TabularSchema(
         numeric=_ADULT_NUMERIC,
         categorical=_ADULT_CATEGORICAL,
         cardinalities=tuple(len(c) for c in categories),
         categories=categories,
+        numeric_mean=mean,
+        numeric_std=std,
     )
     return tabular_dataset(
         "adult",

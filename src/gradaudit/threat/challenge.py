@@ -15,13 +15,11 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel
-from sklearn.datasets import load_breast_cancer
 
 from gradaudit.attacks.attribute import (
     AttributeInferenceParams,
@@ -31,8 +29,7 @@ from gradaudit.attacks.attribute import (
 from gradaudit.attacks.property import PropertyInferenceParams, has_property, holds
 from gradaudit.config import Scenario
 from gradaudit.data import files
-from gradaudit.data.base import Dataset, require_file
-from gradaudit.data.embedded import stratified_split
+from gradaudit.data.base import Dataset
 from gradaudit.federation import FederationResult
 from gradaudit.registry import Registry
 
@@ -211,61 +208,6 @@ def source_challenge(inputs: ChallengeInputs) -> Challenge:
 # --------------------------------------------------------------------------- column units
 
 
-def _raw_heart(data_dir: Path | None) -> tuple[np.ndarray, tuple[str, ...]]:
-    table = files._read_heart(require_file(data_dir, files._HEART_FILE, "heart_disease"))
-    train, _ = stratified_split(table.sites * 2 + table.labels)
-    return table.numeric[train], files._HEART_NUMERIC
-
-
-def _raw_adult(data_dir: Path | None) -> tuple[np.ndarray, tuple[str, ...]]:
-    numeric, _, _ = files._read_adult(require_file(data_dir, files._ADULT_TRAIN_FILE, "adult"))
-    return numeric, files._ADULT_NUMERIC
-
-
-def _raw_breast_cancer(data_dir: Path | None) -> tuple[np.ndarray, tuple[str, ...]]:
-    bunch = load_breast_cancer()
-    train, _ = stratified_split(np.asarray(bunch.target, dtype=np.int64))
-    names = tuple(str(n) for n in bunch.feature_names)
-    return np.asarray(bunch.data, dtype=np.float64)[train], names
-
-
-_RAW_NUMERIC: dict[str, Callable[[Path | None], tuple[np.ndarray, tuple[str, ...]]]] = {
-    "heart_disease": _raw_heart,
-    "adult": _raw_adult,
-    "breast_cancer": _raw_breast_cancer,
-}
-"""Per dataset whose loader standardises numeric columns: its raw training columns and names,
-re-read from the same files with the same split (the loader keeps no statistics)."""
-
-
-def numeric_scale(dataset: str, data_dir: Path | None, column: str) -> tuple[float, float]:
-    """``(mean, std)`` of a standardised numeric column: ``x_model = (x_raw - mean) / std``.
-
-    The data loaders impute a column's missing values with the train median and standardise
-    with the train mean and standard deviation, but keep neither; this recomputes them from the
-    raw training rows (heart_disease: the stratified train split of the CSV; adult:
-    ``adult.data``; breast_cancer: scikit-learn's copy), exactly as
-    ``data.embedded.impute_and_standardize`` does.
-
-    Raises:
-        ValueError: the dataset has no raw reader here, or no numeric column `column`.
-    """
-    reader = _RAW_NUMERIC.get(dataset)
-    if reader is None:
-        raise ValueError(
-            f"raw units are known only for {', '.join(sorted(_RAW_NUMERIC))}; give the edges "
-            f"of {dataset!r} in model units (units: model)"
-        )
-    values, names = reader(data_dir)
-    if column not in names:
-        raise ValueError(f"{dataset} has no numeric column {column!r}; numeric: {names}")
-    raw = values[:, names.index(column)].astype(np.float64)
-    observed = ~np.isnan(raw)
-    raw = np.where(observed, raw, np.median(raw[observed]) if observed.any() else 0.0)
-    std = float(raw.std())
-    return float(raw.mean()), std if std > 0 else 1.0
-
-
 def to_model_units(
     inputs: ChallengeInputs, column: str, values: Sequence[float], units: str
 ) -> np.ndarray:
@@ -273,7 +215,10 @@ def to_model_units(
     edges = np.asarray(values, dtype=np.float64)
     if units == "model":
         return edges
-    mean, std = numeric_scale(inputs.scenario.data.dataset, inputs.scenario.data.data_dir, column)
+    schema = inputs.dataset.info.tabular
+    if schema is None:
+        raise ValueError(f"{inputs.dataset.info.dataset} is not tabular: {column!r} has no units")
+    mean, std = schema.raw_scale(column)
     return (edges - mean) / std
 
 
@@ -552,7 +497,6 @@ __all__ = [
     "attribute_challenge",
     "first_attack_params",
     "membership_challenge",
-    "numeric_scale",
     "property_challenge",
     "public_records",
     "source_challenge",

@@ -21,7 +21,7 @@ from gradaudit.data.base import Dataset
 from gradaudit.data.embedded import stratified_split, tabular_dataset
 from gradaudit.models import build_model
 from gradaudit.seeding import numpy_rng
-from gradaudit.threat.challenge import CHALLENGES, Challenge, ChallengeInputs, numeric_scale
+from gradaudit.threat.challenge import CHALLENGES, Challenge, ChallengeInputs
 from gradaudit.types import AttackResult, Observation, TabularSchema
 
 KNOWS = ("architecture", "local_hyperparameters", "public_data")
@@ -199,7 +199,7 @@ def test_breast_cancer_scale_is_recovered_exactly() -> None:
     data = load_dataset("breast_cancer")
     bunch = load_breast_cancer()
     train, _ = stratified_split(np.asarray(bunch.target))
-    mean, std = numeric_scale("breast_cancer", None, "mean radius")
+    mean, std = data.info.tabular.raw_scale("mean radius")
     raw = data.x_train[:, 0].double().numpy() * std + mean
     assert np.allclose(raw, bunch.data[train, 0], atol=1e-4)
 
@@ -207,7 +207,7 @@ def test_breast_cancer_scale_is_recovered_exactly() -> None:
 @pytest.mark.data
 def test_heart_disease_age_bands_follow_the_raw_ages(shared_data_dir) -> None:
     data = load_dataset("heart_disease", shared_data_dir)
-    mean, std = numeric_scale("heart_disease", shared_data_dir, "age")
+    mean, std = data.info.tabular.raw_scale("age")
     ages = data.x_train[:, 0].double().numpy() * std + mean
     assert np.allclose(ages, np.round(ages), atol=1e-3)  # whole years again
     parts = partition_dataset(
