@@ -145,12 +145,16 @@ def run_audit(
         groups=dataset.groups_train,
         dataset=scenario.data.dataset,
     )
-    model = build_model(
-        scenario.model.kind,
-        scenario.model.params,
-        dataset.info,
-        generator=torch_generator(seed, "model"),
-    )
+
+    def fresh_model() -> torch.nn.Module:  # the scenario's initial model, again
+        return build_model(
+            scenario.model.kind,
+            scenario.model.params,
+            dataset.info,
+            generator=torch_generator(seed, "model"),
+        )
+
+    model = fresh_model()
 
     sizes = tuple(len(c) for c in clients)
     context = DefenseContext(model, scenario.federation, sizes, dataset.info, seed)
@@ -210,7 +214,14 @@ def run_audit(
         )
 
     obs = observe_round(capture)
-    history = tuple(observe_round(fed.captures[r]) for r in sorted(fed.captures))
+    history = (
+        tuple(
+            obs if r == capture.round else observe_round(fed.captures[r])
+            for r in sorted(fed.captures)
+        )
+        if needs_history
+        else (obs,)
+    )
     plan = capture.plans.get(target.client)
     true_idx = torch.as_tensor(plan.used) if plan is not None else torch.zeros(0, dtype=torch.long)
     views = [(obs, history, true_idx, "")]
@@ -223,17 +234,13 @@ def run_audit(
         aggregate_history = tuple(
             view
             for seen in history
-            if (view := aggregate_view(seen, fed.captures[seen.round], dataset.y_train))
+            if (
+                view := aggregate_obs
+                if seen is obs
+                else aggregate_view(seen, fed.captures[seen.round], dataset.y_train)
+            )
         )
         views.append((aggregate_obs, aggregate_history, aggregate_indices(capture), "_aggregate"))
-
-    def fresh_model() -> torch.nn.Module:  # the scenario's initial model, again
-        return build_model(
-            scenario.model.kind,
-            scenario.model.params,
-            dataset.info,
-            generator=torch_generator(seed, "model"),
-        )
 
     replays: dict[int, Observation | str] = {}
     attack_entries: list[dict[str, Any]] = []
@@ -455,14 +462,15 @@ def _inference_entry(
     if scores is None:
         entry.update(status="failed", reason="the attack returned no scores")
         return entry
+    values = scores.detach().double().numpy()
     try:
-        scored = score_inference(scores.detach().double().numpy(), challenge)
+        scored = score_inference(values, challenge)
     except ValueError as exc:
         entry.update(status="failed", reason=f"unusable scores: {exc}")
         return entry
     entry.update(scored)
     name = f"scores/attack{index}{suffix}.csv"
-    save_scores(out_dir / name, scores.detach().double().numpy(), challenge)
+    save_scores(out_dir / name, values, challenge)
     entry["artifacts"].append(name)
     return entry
 
