@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from torch import nn
@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 @runtime_checkable
 class EditsModel(Protocol):
-    """An attack whose server changes the model it sends the target client."""
+    """An attack whose server changes the model it sends the target client (it declares
+    ``edits_model = True`` and says what to send with :meth:`edit`)."""
+
+    edits_model: ClassVar[bool]
 
     def edit(self, obs: Observation, model: nn.Module) -> TensorDict:
         """The model to send the target instead of ``obs.global_params``."""

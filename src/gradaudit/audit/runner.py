@@ -258,7 +258,7 @@ def run_audit(
             hooks.stage(f"attack {index + 1}/{len(scenario.attacks)}: {spec.kind}{on}")
             challenge = challenges.get(attack.question) if attack.question else None
             skip = never_ran if never_ran is not None else challenge
-            if isinstance(attack, EditsModel) and not isinstance(skip, str):
+            if isinstance(attack, EditsModel) and attack.edits_model and not isinstance(skip, str):
                 if index not in replays:  # one replay serves the target and the aggregate rows
                     hooks.stage(f"attack {index + 1}: replaying the federation, server malicious")
                     replays[index] = malicious_observation(
