@@ -142,6 +142,57 @@ class TabularSchema:
         """Columns in a row of ``x``."""
         return len(self.numeric) + len(self.categorical)
 
+    def categorical_offsets(self) -> tuple[int, ...]:
+        """Where each categorical column's codes start in one id space over all columns.
+
+        Item ``offset[j] + code`` names "column j has this code"; a `Reconstruction.bag` of
+        tabular rows uses these ids.
+
+        Example:
+            >>> TabularSchema((), ("sex", "cp"), (2, 4)).categorical_offsets()
+            (0, 2)
+        """
+        offsets, start = [], 0
+        for cardinality in self.cardinalities:
+            offsets.append(start)
+            start += cardinality
+        return tuple(offsets)
+
+
+@dataclass(frozen=True)
+class TextSchema:
+    """How token sequences are laid out in ``x``: one token id per position, stored as a float.
+
+    The vocabulary is public: the federation's tokenizer is shipped with the model, so every
+    participant (the server included) knows it. Sequences are padded on the right with
+    `pad_id` to `max_length`; words outside the vocabulary map to `unk_id`.
+
+    Attributes:
+        vocab: the token of each id.
+        max_length: positions per sequence (after truncation and padding).
+        pad_id: the padding token's id.
+        unk_id: the id of out-of-vocabulary words.
+    """
+
+    vocab: tuple[str, ...]
+    max_length: int
+    pad_id: int = 0
+    unk_id: int = 1
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids."""
+        return len(self.vocab)
+
+    def decode(self, ids: Tensor) -> str:
+        """The text of one sequence of ids, padding left out.
+
+        Example:
+            >>> TextSchema(("<pad>", "<unk>", "chest", "pain"), 4).decode(torch.tensor([2, 3, 0, 0]))
+            'chest pain'
+        """
+        return " ".join(self.vocab[int(i)] for i in ids if int(i) != self.pad_id)
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -149,21 +200,24 @@ class TaskInfo:
 
     Attributes:
         dataset: the dataset's registry name.
-        modality: ``"image"`` or ``"tabular"``.
+        modality: ``"image"``, ``"tabular"``, ``"text"`` or ``"multimodal"`` (a row's tabular
+            columns first, then its token ids).
         input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
         num_classes: the number of labels.
         normalization: for images, how pixels in [0, 1] map to model inputs; None otherwise.
         class_names: a name per label.
-        tabular: for tabular data, the column schema.
+        tabular: for tabular (and multimodal) data, the column schema.
+        text: for text (and multimodal) data, the token layout and the public vocabulary.
     """
 
     dataset: str
-    modality: Literal["image", "tabular"]
+    modality: Literal["image", "tabular", "text", "multimodal"]
     input_shape: tuple[int, ...]
     num_classes: int
     normalization: Normalization | None
     class_names: tuple[str, ...]
     tabular: TabularSchema | None = None
+    text: TextSchema | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +270,12 @@ class Reconstruction:
     Attributes:
         images: reconstructed inputs in pixel space [0, 1], (N, C, H, W), or None.
         labels: recovered labels as a multiset (order carries no meaning), or None.
+        rows: reconstructed tabular rows in model space, (N, F) laid out as `TabularSchema`
+            says (standardised numeric values, then categorical codes), or None.
+        tokens: reconstructed token sequences, (N, L) int64 ids (`TextSchema`), or None.
+        bag: a multiset of item ids recovered without their order or owner: token ids for
+            text; for tabular rows, ``offset(column) + code`` over the categorical columns
+            (`categorical_offsets`). Repeats carry counts; None if not recovered.
         confidence: per reconstructed input, the attacker's own confidence (higher is surer).
         scores: an inference attack's answer, float64, one row per candidate in the order of
             ``side_info["candidates"]``: shape (N,) for a yes/no question (higher means "member",
@@ -225,6 +285,9 @@ class Reconstruction:
 
     images: Tensor | None = None
     labels: Tensor | None = None
+    rows: Tensor | None = None
+    tokens: Tensor | None = None
+    bag: Tensor | None = None
     confidence: Tensor | None = None
     scores: Tensor | None = None
 

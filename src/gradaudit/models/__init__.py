@@ -14,6 +14,11 @@ from gradaudit.models.lenet import LeNet, LeNetParams, build_lenet
 from gradaudit.models.mlp import MLP, MLPParams, build_mlp
 from gradaudit.models.resnet import ResNet, ResNetParams, build_resnet
 from gradaudit.models.tabular import TabularMLP, TabularMLPParams, build_tabular_mlp
+from gradaudit.models.transformer import (
+    TransformerClassifier,
+    TransformerParams,
+    build_transformer,
+)
 from gradaudit.registry import Registry
 from gradaudit.types import TaskInfo
 
@@ -52,6 +57,12 @@ MODELS.register(
     "params: hidden=[100, 100], embedding_dim=8",
     params=TabularMLPParams,
 )(build_tabular_mlp)
+MODELS.register(
+    "transformer",
+    summary="small pre-LN transformer encoder for token sequences, masked mean pooling (the "
+    "architecture TAG and LAMP invert); params: dim=64, heads=4, layers=2, ff=128",
+    params=TransformerParams,
+)(build_transformer)
 
 
 def build_model(
@@ -64,7 +75,7 @@ def build_model(
     `init_parameters_`: the same generator state gives a bit-identical ``state_dict``.
 
     Args:
-        kind: the registry name (``mlp``, ``lenet``, ``convnet``, ``resnet``, ``tabular_mlp``).
+        kind: the registry name (``gradaudit list models``).
         params: the scenario's ``model.params`` mapping.
         task: public facts about the task (input shape, classes, tabular schema).
         generator: a CPU generator; the only randomness used.
@@ -145,6 +156,8 @@ __all__ = [
     "ResNetParams",
     "TabularMLP",
     "TabularMLPParams",
+    "TransformerClassifier",
+    "TransformerParams",
     "build_model",
     "classifier_head",
     "classifier_keys",
