@@ -188,7 +188,8 @@ class TextSchema:
         """The text of one sequence of ids, padding left out.
 
         Example:
-            >>> TextSchema(("<pad>", "<unk>", "chest", "pain"), 4).decode(torch.tensor([2, 3, 0, 0]))
+            >>> schema = TextSchema(("<pad>", "<unk>", "chest", "pain"), 4)
+            >>> schema.decode(torch.tensor([2, 3, 0, 0]))
             'chest pain'
         """
         return " ".join(self.vocab[int(i)] for i in ids if int(i) != self.pad_id)
