@@ -278,6 +278,8 @@ class Reconstruction:
             text; for tabular rows, ``offset(column) + code`` over the categorical columns
             (`categorical_offsets`). Repeats carry counts; None if not recovered.
         confidence: per reconstructed input, the attacker's own confidence (higher is surer).
+        kept: per reconstructed input, whether the attacker keeps it after its own checks
+            (e.g. rows that break a clinical rule are dropped); None means all are kept.
         scores: an inference attack's answer, float64, one row per candidate in the order of
             ``side_info["candidates"]``: shape (N,) for a yes/no question (higher means "member",
             "has the property"), (N, K) for a choice among K answers (a score per source client
@@ -290,6 +292,7 @@ class Reconstruction:
     tokens: Tensor | None = None
     bag: Tensor | None = None
     confidence: Tensor | None = None
+    kept: Tensor | None = None
     scores: Tensor | None = None
 
 
