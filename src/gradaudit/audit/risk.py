@@ -18,6 +18,18 @@ is confidently right about a tenth of the client's records (Carlini et al. 2022'
 MEMBERSHIP_MEDIUM_AUC = 0.6
 INFERENCE_GAIN = 0.1
 """Accuracy above the no-model baseline at which a source or attribute inference is a finding."""
+ROWS_HIGH = 0.9
+"""Feature accuracy at which reconstructed table rows are the patients' records (TabLeak reports
+95 % at batch 8 on Adult)."""
+ROWS_GAIN = 0.1
+"""Feature accuracy above the random baseline from which a row reconstruction is a finding."""
+TEXT_HIGH_ROUGE1 = 0.8
+"""ROUGE-1 at which a reconstructed note holds most of the original's words."""
+TEXT_MEDIUM_ROUGE1 = 0.5
+BAG_HIGH = 0.9
+"""Recall and precision at which the bag of tokens or codes discloses what the batch held."""
+INPUT_METRICS = ("feature_accuracy", "rouge1", "token_recall", "code_recall")
+"""Metrics of reconstructed rows, text and bags (`_input_findings`)."""
 
 
 def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -49,6 +61,8 @@ def assess(attacks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 f"{m['accuracy']:.0%} of {where}'s candidates, {m['gain']:+.0%} over a guesser "
                 f"that never saw the model ({m['baseline_accuracy']:.0%})."
             )
+        elif any(k in m for k in INPUT_METRICS):
+            level = max(level, _input_findings(item, where, findings))
         elif "psnr" in m:
             if m["psnr"] >= IMAGE_HIGH_PSNR or m.get("ssim", 0.0) >= IMAGE_HIGH_SSIM:
                 level = max(level, 2)
@@ -99,3 +113,53 @@ def _binary_finding(item: Mapping[str, Any], where: str, findings: list[str]) ->
         return 1
     findings.append(f"{item['attack']} barely told {apart} ({numbers}).")
     return 0
+
+
+def _input_findings(item: Mapping[str, Any], where: str, findings: list[str]) -> int:
+    """Append the findings of a row, text or bag reconstruction (each modality it recovered);
+    return the highest level among them."""
+    m, name = item["metrics"], item["attack"]
+    level = 0
+    if "feature_accuracy" in m:
+        acc, base = m["feature_accuracy"], m.get("feature_accuracy_random")
+        versus = f" against {base:.0%} for random rows" if base is not None else ""
+        if acc >= ROWS_HIGH:
+            level = max(level, 2)
+            findings.append(
+                f"{name} reconstructed the records of {where}: {acc:.0%} of the "
+                f"features right{versus}."
+            )
+        elif base is None or acc - base >= ROWS_GAIN:
+            level = max(level, 1)
+            findings.append(
+                f"{name} recovered part of {where}'s records: {acc:.0%} of the "
+                f"features right{versus}."
+            )
+        else:
+            findings.append(
+                f"{name} did no better than random rows on {where}'s records ({acc:.0%}{versus})."
+            )
+    if "rouge1" in m:
+        rouge = f"ROUGE-1 {m['rouge1']:.2f}, ROUGE-2 {m.get('rouge2', 0.0):.2f}"
+        if m["rouge1"] >= TEXT_HIGH_ROUGE1:
+            level = max(level, 2)
+            findings.append(f"{name} reconstructed the text of {where} ({rouge}).")
+        elif m["rouge1"] >= TEXT_MEDIUM_ROUGE1:
+            level = max(level, 1)
+            findings.append(f"{name} recovered much of the wording of {where}'s text ({rouge}).")
+        else:
+            findings.append(f"{name} recovered little of {where}'s text ({rouge}).")
+    for item_kind, what in (("token", "words"), ("code", "categorical codes (e.g. diagnoses)")):
+        recall, precision = m.get(f"{item_kind}_recall"), m.get(f"{item_kind}_precision")
+        if recall is None or precision is None or "rouge1" in m:
+            continue
+        numbers = f"recall {recall:.0%}, precision {precision:.0%}"
+        if recall >= BAG_HIGH and precision >= BAG_HIGH:
+            level = max(level, 2)
+            findings.append(f"{name} disclosed which {what} {where}'s data contained ({numbers}).")
+        elif recall >= TEXT_MEDIUM_ROUGE1:
+            level = max(level, 1)
+            findings.append(f"{name} disclosed part of the {what} in {where}'s data ({numbers}).")
+        else:
+            findings.append(f"{name} recovered few of the {what} in {where}'s data ({numbers}).")
+    return level

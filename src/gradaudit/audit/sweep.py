@@ -53,6 +53,10 @@ SHOWN_METRICS = (
     ("tpr_at_fpr_0.01", "{:.3f}", "TPR@1%FPR"),
     ("accuracy", "{:.2f}", "acc."),
     ("gain", "{:+.2f}", "gain"),
+    ("feature_accuracy", "{:.2f}", "feature acc."),
+    ("rouge1", "{:.2f}", "ROUGE-1"),
+    ("token_recall", "{:.2f}", "token recall"),
+    ("code_recall", "{:.2f}", "code recall"),
 )
 """The attack metrics a sweep's table shows: key, format, column label."""
 SUMMARY_METRICS = tuple(key for key, _, _ in SHOWN_METRICS)

@@ -83,11 +83,27 @@ def test_scoring_matches_order_and_rejects_shape_mismatch() -> None:
         ({"psnr": 10.0, "ssim": 0.1}, "low"),
         ({"label_accuracy": 0.95}, "medium"),
         ({"label_accuracy": 0.5}, "low"),
+        ({"feature_accuracy": 0.95, "feature_accuracy_random": 0.54}, "high"),
+        ({"feature_accuracy": 0.7, "feature_accuracy_random": 0.54}, "medium"),
+        ({"feature_accuracy": 0.58, "feature_accuracy_random": 0.54, "label_accuracy": 1.0}, "low"),
+        ({"rouge1": 0.96, "rouge2": 0.7, "token_recall": 1.0, "token_precision": 1.0}, "high"),
+        ({"rouge1": 0.3, "rouge2": 0.0, "token_recall": 0.3, "token_precision": 0.3}, "low"),
+        ({"token_recall": 1.0, "token_precision": 1.0}, "high"),
+        ({"token_recall": 0.6, "token_precision": 0.2}, "medium"),
+        ({"code_recall": 0.2, "code_precision": 1.0}, "low"),
     ],
 )
 def test_risk_levels(metrics: dict, level: str) -> None:
     item = {"attack": "a", "status": "ok", "client": 0, "round": 1, "metrics": metrics}
     assert assess([item])["level"] == level
+
+
+def test_a_joint_reconstruction_gets_a_finding_per_modality() -> None:
+    metrics = {"feature_accuracy": 0.95, "feature_accuracy_random": 0.5, "rouge1": 0.6}
+    item = {"attack": "joint", "status": "ok", "client": 0, "round": 1, "metrics": metrics}
+    findings = assess([item])["findings"]
+    assert len(findings) == 2
+    assert "records" in findings[0] and "ROUGE-1 0.60" in findings[1]
 
 
 def test_load_report_rejects_foreign_json(tmp_path: Path) -> None:

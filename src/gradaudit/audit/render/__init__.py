@@ -32,6 +32,23 @@ _METRIC_FORMATS = {
     "accuracy": ("accuracy", "{:.1%}"),
     "baseline_accuracy": ("no-model baseline", "{:.1%}"),
     "gain": ("gain over the baseline", "{:+.1%}"),
+    "feature_accuracy": ("feature accuracy", "{:.1%}"),
+    "feature_accuracy_random": ("random rows", "{:.1%}"),
+    "categorical_accuracy": ("categorical accuracy", "{:.1%}"),
+    "numeric_accuracy": ("numeric accuracy", "{:.1%}"),
+    "kept_rows": ("rows kept by the attacker", "{:.0f}"),
+    "kept_feature_accuracy": ("feature accuracy of kept rows", "{:.1%}"),
+    "rouge1": ("ROUGE-1", "{:.3f}"),
+    "rouge2": ("ROUGE-2", "{:.3f}"),
+    "rougeL": ("ROUGE-L", "{:.3f}"),
+    "bleu": ("BLEU", "{:.3f}"),
+    "token_accuracy": ("token accuracy", "{:.1%}"),
+    "token_recall": ("token recall", "{:.1%}"),
+    "token_precision": ("token precision", "{:.1%}"),
+    "token_count_accuracy": ("token count accuracy", "{:.1%}"),
+    "code_recall": ("code recall", "{:.1%}"),
+    "code_precision": ("code precision", "{:.1%}"),
+    "code_count_accuracy": ("code count accuracy", "{:.1%}"),
 }
 
 
