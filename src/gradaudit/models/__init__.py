@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gradaudit.models.convnet import ConvNet, ConvNetParams, build_convnet
+from gradaudit.models.fusion import FusionClassifier, FusionParams, build_fusion
 from gradaudit.models.init import init_parameters_
 from gradaudit.models.lenet import LeNet, LeNetParams, build_lenet
 from gradaudit.models.mlp import MLP, MLPParams, build_mlp
@@ -63,6 +64,14 @@ MODELS.register(
     "architecture TAG and LAMP invert); params: dim=64, heads=4, layers=2, ff=128",
     params=TransformerParams,
 )(build_transformer)
+MODELS.register(
+    "fusion",
+    summary="late fusion of a tabular record and a token sequence (a note with its fields): "
+    "tabular_mlp and transformer branches, concatenated features, an MLP head; params: "
+    "tabular_hidden=[32], embedding_dim=4, tabular_features=16, dim=32, heads=2, layers=1, "
+    "ff=64, text_features=16, hidden=[32]",
+    params=FusionParams,
+)(build_fusion)
 
 
 def build_model(
@@ -148,6 +157,8 @@ __all__ = [
     "MODELS",
     "ConvNet",
     "ConvNetParams",
+    "FusionClassifier",
+    "FusionParams",
     "LeNet",
     "LeNetParams",
     "MLPParams",

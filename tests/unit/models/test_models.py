@@ -60,7 +60,15 @@ def labels(task: TaskInfo, n: int = 3, seed: int = 2) -> torch.Tensor:
 
 
 def test_registry_lists_every_model_with_a_summary() -> None:
-    assert MODELS.names() == ["convnet", "lenet", "mlp", "resnet", "tabular_mlp", "transformer"]
+    assert MODELS.names() == [
+        "convnet",
+        "fusion",
+        "lenet",
+        "mlp",
+        "resnet",
+        "tabular_mlp",
+        "transformer",
+    ]
     for entry in MODELS.entries():
         assert "params" in entry.summary
     assert "Deep Leakage" in MODELS.entry("lenet").summary
