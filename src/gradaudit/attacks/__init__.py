@@ -12,6 +12,7 @@ from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
 from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
+from gradaudit.attacks.inversion.tokens import TextTokensAttack, TextTokensParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.attacks.membership.active import (
     MembershipActiveAttack,
@@ -62,6 +63,12 @@ ATTACKS.register(
     "then per-image generator fine-tuning (GIAS, Jeon et al. 2021; GGL, Li et al. 2022)",
     params=PriorInversionParams,
 )(PriorInversionAttack)
+ATTACKS.register(
+    "text_tokens",
+    summary="bag of words of the target's text batch from the token-embedding gradient's "
+    "non-zero rows (Melis et al. 2019); exact counts and order for one sequence",
+    params=TextTokensParams,
+)(TextTokensAttack)
 
 ATTACKS.register(
     "membership_loss",

@@ -1,0 +1,318 @@
+"""The bag of words of a client's text batch, read off the token-embedding gradient.
+
+An ``nn.Embedding`` row receives a gradient only when the batch looked its id up, so the
+non-zero rows of the token-embedding gradient are exactly the distinct tokens of the batch
+(Melis, Song, De Cristofaro & Shmatikov, "Exploiting Unintended Feature Leakage in
+Collaborative Learning", IEEE S&P 2019). Text inversion attacks start from this bag: LAMP
+(Balunović et al., NeurIPS 2022) and TAG (Deng et al., EMNLP Findings 2021) search for the
+sentence among these tokens.
+
+Counts, and the order, follow exactly when one sequence is behind the update and the model
+adds a learned position embedding to the token embedding (``h = tok[x_l] + pos[l]``, as
+BERT and `models.transformer` do). Then the gradient of ``pos[l]`` is the gradient reaching
+position ``l``, and the gradient of ``tok[v]`` is the sum of those of the positions that hold
+``v``; with at most as many positions as embedding dimensions the position rows are linearly
+independent, so least squares names each position's token (`position_assignment`). Decepticons
+(Fowl et al., ICLR 2023) also orders tokens with the position embedding, from embeddings a
+malicious server breaches; here the honest gradient suffices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from gradaudit.attacks.base import (
+    ProgressFn,
+    Reconstructs,
+    checked_update,
+    gradient_estimate,
+    not_applicable,
+)
+from gradaudit.attacks.inversion.embedding import looked_up_rows
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TextSchema
+
+ASSIGNMENT_TOL = 1e-2
+"""The largest relative residual ``|G_tok - A G_pos| / |G_tok|`` at which a position
+assignment counts as exact (float32 gradients leave about 1e-6; one misplaced position about
+1e-1 or more)."""
+
+RANK_TOL = 1e-6
+"""Position rows whose smallest singular value is below this share of the largest are treated
+as linearly dependent (no unique assignment)."""
+
+MAX_WORDS_IN_DETAILS = 256
+"""The most recovered words the report lists (a noisy update can light up the vocabulary)."""
+
+CountMethod = Literal["auto", "distinct"]
+
+
+class TextTokensParams(BaseModel):
+    """Parameters of `text_tokens`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rtol: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="a row counts as looked up when its norm exceeds rtol times the largest row "
+        "norm; 0 is the exact test (any non-zero row), a positive value tolerates defense noise",
+    )
+    counts: CountMethod = Field(
+        "auto",
+        description="auto: exact counts and order from the position-embedding gradient when one "
+        "sequence is behind the update and the assignment checks out, else each id once; "
+        "distinct: always each recovered id once",
+    )
+
+
+def _single(found: list[tuple[str, nn.Embedding]], preferred: str) -> str | None:
+    if len(found) == 1:
+        return found[0][0]
+    named = [name for name, _ in found if name.rsplit(".", 1)[-1] == preferred]
+    return named[0] if len(named) == 1 else None
+
+
+def token_embedding_key(model: nn.Module, schema: TextSchema) -> str | None:
+    """The state-dict key of the model's token embedding weight, or None.
+
+    The token embedding is the one ``nn.Embedding`` with ``vocab_size`` rows; among several,
+    the one named ``token_embedding``.
+
+    Example:
+        >>> net = nn.Module(); net.token_embedding = nn.Embedding(5, 3)
+        >>> token_embedding_key(net, TextSchema(("<pad>", "<unk>", "a", "b", "c"), 4))
+        'token_embedding.weight'
+    """
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and m.num_embeddings == schema.vocab_size
+    ]
+    name = _single(found, "token_embedding")
+    return None if name is None else f"{name}.weight"
+
+
+def position_embedding_key(model: nn.Module, schema: TextSchema, token_key: str) -> str | None:
+    """The state-dict key of the learned position embedding (``max_length`` rows), or None."""
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        and m.num_embeddings == schema.max_length
+        and f"{name}.weight" != token_key
+    ]
+    name = _single(found, "position_embedding")
+    return None if name is None else f"{name}.weight"
+
+
+def position_assignment(token_rows: Tensor, position_rows: Tensor) -> tuple[Tensor | None, float]:
+    """Which token row each position's row belongs to, when each token row is the sum of the
+    rows of its positions (one sequence: ``G_tok[v] = sum of G_pos[l] over l with x_l = v``).
+
+    Solves ``G_tok = A G_pos`` by least squares, takes each position's largest entry as its
+    token, and accepts the 0/1 assignment when it reproduces the token rows to within
+    `ASSIGNMENT_TOL` and every token owns a position. Unique only when the position rows are
+    linearly independent (at most as many positions as embedding dimensions).
+
+    Args:
+        token_rows: (k, D) the non-zero rows of the token-embedding gradient.
+        position_rows: (L, D) the rows of the positions in use, in position order.
+
+    Returns:
+        The index (into `token_rows`) of the token at each position, (L,), or None; and the
+        relative residual of the rounded assignment (inf when none was tried).
+
+    Example:
+        >>> p = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> t = torch.stack([p[1], p[0] + p[2]])  # token 0 at position 1, token 1 at 0 and 2
+        >>> position_assignment(t, p)[0].tolist()
+        [1, 0, 1]
+    """
+    tok, pos = token_rows.detach().double(), position_rows.detach().double()
+    k, length = tok.shape[0], pos.shape[0]
+    if k == 0 or length == 0 or length > pos.shape[1] or k > length:
+        return None, math.inf
+    singular = torch.linalg.svdvals(pos)
+    if float(singular[-1]) <= RANK_TOL * float(singular[0]):
+        return None, math.inf
+    weights = torch.linalg.lstsq(pos.T, tok.T).solution.T  # (k, L)
+    owner = weights.argmax(dim=0)
+    rounded = nn.functional.one_hot(owner, k).T.double()
+    residual = float((tok - rounded @ pos).norm() / tok.norm().clamp_min(1e-300))
+    if residual > ASSIGNMENT_TOL or owner.unique().numel() != k:
+        return None, residual
+    return owner, residual
+
+
+class TextTokensAttack(Reconstructs):
+    """Recover the bag of words of the target's text batch from its token-embedding gradient.
+
+    The ids of the rows with a non-zero gradient are the distinct tokens of the batch: exact
+    on a FedSGD gradient; on a FedAvg model change, the union of the client's local batches
+    (plain local SGD: weight decay would move every row); on the aggregate, the union of every
+    included client's tokens. Counts (and the order) are exact when one sequence is behind the
+    update (`position_assignment`); otherwise each recovered id appears once. Padding never
+    appears: the padding row has no gradient. With ``rtol > 0`` rows below ``rtol`` times the
+    largest row norm are dropped, which trades recall for precision under noise (DP).
+
+    Melis et al., IEEE S&P 2019 (bag of words from embedding gradients); LAMP, Balunović et
+    al., NeurIPS 2022, and TAG, Deng et al., EMNLP Findings 2021, start from this bag.
+    Threat model: an honest-but-curious server that sees the update and knows the
+    architecture (which tensor is the token embedding) and the public vocabulary.
+    """
+
+    name: ClassVar[str] = "text_tokens"
+
+    def __init__(self, params: TextTokensParams) -> None:
+        self.params = params
+
+    def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        """The target's update when the task is text and the shared preconditions hold."""
+        if obs.task.text is None:
+            return None, (
+                f"{self.name} reads a token embedding; {obs.task.dataset} is "
+                f"{obs.task.modality}, with no token sequences"
+            )
+        return checked_update(obs, attack=self.name)
+
+    def _target(self, obs: Observation, model: nn.Module) -> tuple[ClientUpdate, str] | str:
+        """The update and the token embedding's key, or the reason the attack cannot run."""
+        update, reason = self._update(obs)
+        if update is None:
+            return str(reason)
+        assert obs.task.text is not None
+        key = token_embedding_key(model, obs.task.text)
+        if key is None:
+            return (
+                f"the model has no single token embedding (an nn.Embedding with "
+                f"{obs.task.text.vocab_size} rows, the vocabulary size)"
+            )
+        if key in update.withheld or key not in update.tensors:
+            return f"the client withheld the token embedding's gradient ({key})"
+        return update, key
+
+    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
+        """Needs a text task, the target's update, the architecture and (with `model` given,
+        it is checked) the token embedding's part of the update."""
+        if model is None:
+            return self._update(obs)[1]
+        found = self._target(obs, model)
+        return found if isinstance(found, str) else None
+
+    def run(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        *,
+        rng: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> AttackResult:
+        """Read the bag of words (and, for one sequence, its counts and order) off the update."""
+        target = self._target(obs, model)
+        if isinstance(target, str):
+            return not_applicable(self.name, obs, target)
+        update, found = target
+        started = time.perf_counter()
+        schema = obs.task.text
+        assert schema is not None
+        grads, how = gradient_estimate(update, obs)
+        ids = looked_up_rows(grads[found], rtol=self.params.rtol)
+        ids = ids[ids != schema.pad_id]
+        details: dict[str, object] = {
+            "embedding": found,
+            "gradient": how,
+            "rtol": self.params.rtol,
+            "distinct_tokens": int(ids.numel()),
+        }
+        if update.kind == "delta":
+            details["note"] = (
+                "a FedAvg model change: the union of the tokens of every local batch (exact "
+                "for plain local SGD; weight decay would move every row)"
+            )
+        order = self._order(obs, model, update, grads, found, ids, details)
+        if order is None:
+            bag, tokens = ids, None
+        else:
+            bag = torch.sort(order).values
+            tokens = torch.full((1, schema.max_length), schema.pad_id, dtype=torch.long)
+            tokens[0, : order.numel()] = order
+            details["sequence"] = schema.decode(tokens[0])
+        words = [schema.vocab[int(i)] for i in ids]
+        details["words"] = words[:MAX_WORDS_IN_DETAILS]
+        if len(words) > MAX_WORDS_IN_DETAILS:
+            details["words_not_listed"] = len(words) - MAX_WORDS_IN_DETAILS
+        if progress is not None:
+            progress(1, 1)
+        return AttackResult(
+            self.name,
+            obs.round,
+            obs.target_client,
+            "ok",
+            reconstruction=Reconstruction(bag=bag, tokens=tokens),
+            seconds=time.perf_counter() - started,
+            details=details,
+        )
+
+    def _order(
+        self,
+        obs: Observation,
+        model: nn.Module,
+        update: ClientUpdate,
+        grads: dict[str, Tensor],
+        token_key: str,
+        ids: Tensor,
+        details: dict[str, object],
+    ) -> Tensor | None:
+        """The sequence's token ids in order when counts are recoverable, else None; records
+        the count method (and why) in `details`."""
+        schema = obs.task.text
+        assert schema is not None
+        position_key = position_embedding_key(model, schema, token_key)
+        used: Tensor | None = None
+        if position_key is not None and position_key in grads:
+            used = looked_up_rows(grads[position_key], rtol=self.params.rtol)
+            details["longest_sequence"] = int(used.numel())
+        why = self._no_counts(update, position_key, used)
+        if why is None:
+            assert position_key is not None and used is not None
+            owner, residual = position_assignment(grads[token_key][ids], grads[position_key][used])
+            details["assignment_residual"] = residual
+            if owner is not None:
+                details["count_method"] = "positions"
+                details["count_note"] = (
+                    "exact: one sequence, and each token's gradient row is the sum of the "
+                    "position-embedding rows of its positions (least squares, rounded, checked)"
+                )
+                details["total_tokens"] = int(owner.numel())
+                return ids[owner]
+            why = (
+                "the token rows are not sums of the position rows "
+                f"(relative residual {residual:.3g} > {ASSIGNMENT_TOL})"
+            )
+        details["count_method"] = "distinct"
+        details["count_note"] = f"each recovered id once: {why}"
+        return None
+
+    def _no_counts(
+        self, update: ClientUpdate, position_key: str | None, used: Tensor | None
+    ) -> str | None:
+        """Why counts are not attempted, or None."""
+        if self.params.counts == "distinct":
+            return "counts: distinct was asked for"
+        if update.num_examples != 1:
+            return (
+                f"{update.num_examples} sequences are behind the update; the gradient gives "
+                "which ids occur, not how often"
+            )
+        if position_key is None or used is None:
+            return "no learned position embedding in the update"
+        if used.numel() == 0 or int(used[-1]) != used.numel() - 1:
+            return "the position rows in use are not a prefix (not a right-padded sequence)"
+        return None
