@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gradaudit.data import files as _files  # noqa: F401  (registers the file-backed datasets)
+from gradaudit.data import multimodal as _multimodal  # noqa: F401  (registers note+fields)
 from gradaudit.data import text as _text  # noqa: F401  (registers the text datasets)
 from gradaudit.data.base import DATA_DIR_ENV, Dataset, require_file, resolve_data_dir
 from gradaudit.data.embedded import DATASETS, Loader
