@@ -9,9 +9,11 @@ from pydantic import BaseModel
 from gradaudit.attacks.attribute import AttributeInferenceAttack, AttributeInferenceParams
 from gradaudit.attacks.base import Attack
 from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
+from gradaudit.attacks.inversion.codes import CategoricalCodesAttack, CategoricalCodesParams
 from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
+from gradaudit.attacks.inversion.tabular import TabularInversionAttack, TabularInversionParams
 from gradaudit.attacks.inversion.tokens import TextTokensAttack, TextTokensParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.attacks.membership.active import (
@@ -69,6 +71,18 @@ ATTACKS.register(
     "non-zero rows (Melis et al. 2019); exact counts and order for one sequence",
     params=TextTokensParams,
 )(TextTokensAttack)
+ATTACKS.register(
+    "tabular_inversion",
+    summary="tabular rows by cosine gradient matching over softmax-relaxed categories, pooled "
+    "restarts, entropy confidence, domain-rule checks (TabLeak, Vero et al. 2023)",
+    params=TabularInversionParams,
+)(TabularInversionAttack)
+ATTACKS.register(
+    "categorical_codes",
+    summary="which codes of each categorical column the batch held, from the first layer's "
+    "zero and non-zero gradient rows (Melis et al. 2019)",
+    params=CategoricalCodesParams,
+)(CategoricalCodesAttack)
 
 ATTACKS.register(
     "membership_loss",
