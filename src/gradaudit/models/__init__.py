@@ -68,8 +68,8 @@ MODELS.register(
     "fusion",
     summary="late fusion of a tabular record and a token sequence (a note with its fields): "
     "tabular_mlp and transformer branches, concatenated features, an MLP head; params: "
-    "tabular_hidden=[32], embedding_dim=4, tabular_features=16, dim=32, heads=2, layers=1, "
-    "ff=64, text_features=16, hidden=[32]",
+    "tabular_hidden=[32], embedding_dim=4, encoding=embedding|onehot, tabular_features=16, "
+    "dim=32, heads=2, layers=1, ff=64, text_features=16, hidden=[32]",
     params=FusionParams,
 )(build_fusion)
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from gradaudit.errors import ConfigError
-from gradaudit.models.tabular import TabularMLP
+from gradaudit.models.tabular import Encoding, TabularMLP
 from gradaudit.models.transformer import TransformerClassifier
 from gradaudit.types import TabularSchema, TaskInfo, TextSchema
 
@@ -21,7 +21,9 @@ class FusionParams(BaseModel):
 
     Attributes:
         tabular_hidden: widths of the tabular branch's ReLU hidden layers.
-        embedding_dim: size of each categorical column's embedding.
+        embedding_dim: size of each categorical column's embedding (``embedding`` encoding).
+        encoding: how the tabular branch reads a categorical column: ``embedding`` or
+            ``onehot`` (see `TabularMLP`).
         tabular_features: width of the tabular branch's output.
         dim: width of the text branch's token and position embeddings and blocks.
         heads: attention heads per block (must divide `dim`).
@@ -35,6 +37,7 @@ class FusionParams(BaseModel):
 
     tabular_hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32])
     embedding_dim: int = Field(4, ge=1)
+    encoding: Encoding = "embedding"
     tabular_features: int = Field(16, ge=1)
     dim: int = Field(32, ge=4)
     heads: int = Field(2, ge=1)
@@ -80,7 +83,11 @@ class FusionClassifier(nn.Module):
         self.num_tabular = tabular.num_features
         self.pad_id = text.pad_id
         self.tabular = TabularMLP(
-            tabular, params.tabular_features, list(params.tabular_hidden), params.embedding_dim
+            tabular,
+            params.tabular_features,
+            list(params.tabular_hidden),
+            params.embedding_dim,
+            params.encoding,
         )
         self.text = TransformerClassifier(
             text, params.text_features, params.dim, params.heads, params.layers, params.ff
@@ -102,19 +109,6 @@ class FusionClassifier(nn.Module):
         fused = torch.relu(torch.cat([tabular_features, text_features], dim=1))
         return self.head(self.body(fused))
 
-    def tabular_relaxed(self, numeric: Tensor, probs: Sequence[Tensor]) -> Tensor:
-        """The tabular branch's output with each categorical column given as a probability
-        vector over its codes: the embedding becomes ``probs @ embedding.weight`` (a one-hot
-        vector gives exactly the lookup)."""
-        branch = self.tabular
-        if len(probs) != len(branch.embeddings):
-            raise ValueError(
-                f"{len(branch.embeddings)} categorical columns, got {len(probs)} probability sets"
-            )
-        parts = [numeric]
-        parts += [p @ emb.weight for p, emb in zip(probs, branch.embeddings, strict=True)]
-        return branch.head(branch.body(torch.cat(parts, dim=1)))
-
     def forward_relaxed(
         self, numeric: Tensor, probs: Sequence[Tensor], embeddings: Tensor, keep: Tensor
     ) -> Tensor:
@@ -122,13 +116,14 @@ class FusionClassifier(nn.Module):
 
         Args:
             numeric: (N, num_numeric) standardised numeric values.
-            probs: per categorical column, (N, cardinality) probabilities over its codes.
+            probs: per categorical column, (N, cardinality) probabilities over its codes (a
+                one-hot row gives exactly the discrete input).
             embeddings: (N, L, dim) token embeddings (positions not yet added), e.g.
                 ``self.text.embed(tokens)`` or a convex combination of embedding rows.
             keep: (N, L) bool, False at padding.
         """
         text_features = self.text.forward_embeddings(embeddings, keep)
-        return self.fuse(self.tabular_relaxed(numeric, probs), text_features)
+        return self.fuse(self.tabular.forward_relaxed(numeric, probs), text_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, num_classes) for rows (N, F + L) of tabular columns then token ids."""

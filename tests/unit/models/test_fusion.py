@@ -48,8 +48,9 @@ def test_logits_depend_on_both_modalities() -> None:
         assert not torch.allclose(net(changed)[0], logits[0]), column
 
 
-def test_relaxed_forward_equals_forward_at_one_hot_inputs() -> None:
-    net = model()
+@pytest.mark.parametrize("encoding", ["embedding", "onehot"])
+def test_relaxed_forward_equals_forward_at_one_hot_inputs(encoding: str) -> None:
+    net = model(encoding=encoding)
     x, _ = batch()
     tabular, tokens = net.split(x)
     probs = [
@@ -63,7 +64,7 @@ def test_relaxed_forward_equals_forward_at_one_hot_inputs() -> None:
         tabular[3:, :1], [p[3:] for p in probs], net.text.embed(tokens[3:, :2]), tokens[3:, :2] != 0
     )
     assert torch.allclose(short, relaxed[3:], atol=1e-6)
-    with pytest.raises(ValueError, match="2 categorical columns"):
+    with pytest.raises(ValueError, match="2 categorical blocks"):
         net.forward_relaxed(tabular[:, :1], probs[:1], net.text.embed(tokens), tokens != 0)
 
 
