@@ -142,12 +142,13 @@ def _category(schema: TabularSchema, column: str, value: str) -> int | None:
 
 
 def _usable(rule: Rule, schema: TabularSchema) -> bool:
-    """Whether the schema has the rule's columns, categories and (numeric) raw units."""
+    """Whether the schema has the rule's columns, categories (an implication's condition and at
+    least one of its allowed values) and, for numeric columns, raw units."""
     has_scale = len(schema.numeric_mean) == len(schema.numeric)
     if isinstance(rule, RangeRule):
         return rule.column in schema.numeric and has_scale
     if isinstance(rule, Implication):
-        return _category(schema, rule.if_column, rule.if_value) is not None and all(
+        return _category(schema, rule.if_column, rule.if_value) is not None and any(
             _category(schema, rule.then_column, v) is not None for v in rule.then_values
         )
     return (
@@ -212,6 +213,7 @@ def violations(rows: Tensor, schema: TabularSchema, rules: Sequence[Rule]) -> Te
             given = codes[:, schema.categorical.index(rule.if_column)]
             then = codes[:, schema.categorical.index(rule.then_column)]
             allowed = [_category(schema, rule.then_column, v) for v in rule.then_values]
+            allowed = [code for code in allowed if code is not None]
             fires = given == _category(schema, rule.if_column, rule.if_value)
             broken[:, r] = fires & ~torch.isin(then, torch.tensor(allowed))
         else:
