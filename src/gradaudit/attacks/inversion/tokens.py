@@ -14,14 +14,17 @@ position ``l``, and the gradient of ``tok[v]`` is the sum of those of the positi
 ``v``; with at most as many positions as embedding dimensions the position rows are linearly
 independent, so least squares names each position's token (`position_assignment`). Decepticons
 (Fowl et al., ICLR 2023) also orders tokens with the position embedding, from embeddings a
-malicious server breaches; here the honest gradient suffices.
+malicious server breaches; here the honest gradient suffices. Both relations are linear, so
+they also hold for a FedAvg change after any number of plain local SGD steps on one sequence.
+On a noised update the least-squares solution is only near 0/1; `count_tol` says how near it
+must be for the rounded counts to be reported (then an estimate, not exact).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,10 +40,13 @@ from gradaudit.attacks.base import (
 from gradaudit.attacks.inversion.embedding import looked_up_rows
 from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TextSchema
 
-ASSIGNMENT_TOL = 1e-2
-"""The largest relative residual ``|G_tok - A G_pos| / |G_tok|`` at which a position
-assignment counts as exact (float32 gradients leave about 1e-6; one misplaced position about
-1e-1 or more)."""
+COUNT_TOL = 0.01
+"""Default `count_tol`: on a noise-free update every least-squares assignment entry lies within
+about 1e-6 of 0 or 1 (float32 gradients); a FedAvg change over several steps, within 1e-4."""
+
+MAX_RESIDUAL = 0.5
+"""A rounded assignment is refused when it leaves more than this share of the token rows'
+norm unexplained (the token rows are then not sums of position rows at all)."""
 
 RANK_TOL = 1e-6
 """Position rows whose smallest singular value is below this share of the largest are treated
@@ -69,6 +75,14 @@ class TextTokensParams(BaseModel):
         description="auto: exact counts and order from the position-embedding gradient when one "
         "sequence is behind the update and the assignment checks out, else each id once; "
         "distinct: always each recovered id once",
+    )
+    count_tol: float = Field(
+        COUNT_TOL,
+        ge=0.0,
+        lt=0.5,
+        description="largest distance of a least-squares position-assignment entry from 0 or 1 "
+        "at which counts and order are accepted; the default keeps them exact (noise-free "
+        "updates), up to 0.4 accepts them on lightly noised updates, where they are estimates",
     )
 
 
@@ -112,43 +126,60 @@ def position_embedding_key(model: nn.Module, schema: TextSchema, token_key: str)
     return None if name is None else f"{name}.weight"
 
 
-def position_assignment(token_rows: Tensor, position_rows: Tensor) -> tuple[Tensor | None, float]:
+class Assignment(NamedTuple):
+    """The outcome of `position_assignment`.
+
+    Attributes:
+        owner: the index (into the token rows) of the token at each position, (L,); None when
+            the assignment was refused or not tried.
+        deviation: the largest distance of a least-squares entry from its rounded 0/1 value
+            (inf when no assignment was tried).
+        residual: ``|G_tok - A G_pos| / |G_tok|`` of the rounded assignment (inf when none).
+    """
+
+    owner: Tensor | None
+    deviation: float
+    residual: float
+
+
+def position_assignment(
+    token_rows: Tensor, position_rows: Tensor, *, tol: float = COUNT_TOL
+) -> Assignment:
     """Which token row each position's row belongs to, when each token row is the sum of the
     rows of its positions (one sequence: ``G_tok[v] = sum of G_pos[l] over l with x_l = v``).
 
-    Solves ``G_tok = A G_pos`` by least squares, takes each position's largest entry as its
-    token, and accepts the 0/1 assignment when it reproduces the token rows to within
-    `ASSIGNMENT_TOL` and every token owns a position. Unique only when the position rows are
-    linearly independent (at most as many positions as embedding dimensions).
+    Solves ``G_tok = W G_pos`` by least squares; the solution is unique when the position rows
+    are linearly independent (at most as many positions as embedding dimensions), and on a
+    noise-free gradient it is the 0/1 assignment itself. Each position goes to its largest
+    entry; the assignment is accepted when no entry of ``W`` lies farther than `tol` from the
+    rounded 0/1 matrix, every token owns a position, and the rounded assignment explains the
+    token rows up to `MAX_RESIDUAL`.
 
     Args:
         token_rows: (k, D) the non-zero rows of the token-embedding gradient.
         position_rows: (L, D) the rows of the positions in use, in position order.
-
-    Returns:
-        The index (into `token_rows`) of the token at each position, (L,), or None; and the
-        relative residual of the rounded assignment (inf when none was tried).
+        tol: the largest accepted distance of an entry of ``W`` from 0 or 1 (below 0.5).
 
     Example:
         >>> p = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
         >>> t = torch.stack([p[1], p[0] + p[2]])  # token 0 at position 1, token 1 at 0 and 2
-        >>> position_assignment(t, p)[0].tolist()
+        >>> position_assignment(t, p).owner.tolist()
         [1, 0, 1]
     """
     tok, pos = token_rows.detach().double(), position_rows.detach().double()
     k, length = tok.shape[0], pos.shape[0]
     if k == 0 or length == 0 or length > pos.shape[1] or k > length:
-        return None, math.inf
+        return Assignment(None, math.inf, math.inf)
     singular = torch.linalg.svdvals(pos)
     if float(singular[-1]) <= RANK_TOL * float(singular[0]):
-        return None, math.inf
+        return Assignment(None, math.inf, math.inf)
     weights = torch.linalg.lstsq(pos.T, tok.T).solution.T  # (k, L)
     owner = weights.argmax(dim=0)
     rounded = nn.functional.one_hot(owner, k).T.double()
+    deviation = float((weights - rounded).abs().max())
     residual = float((tok - rounded @ pos).norm() / tok.norm().clamp_min(1e-300))
-    if residual > ASSIGNMENT_TOL or owner.unique().numel() != k:
-        return None, residual
-    return owner, residual
+    accepted = deviation <= tol and residual <= MAX_RESIDUAL and owner.unique().numel() == k
+    return Assignment(owner if accepted else None, deviation, residual)
 
 
 class TextTokensAttack(Reconstructs):
@@ -282,19 +313,24 @@ class TextTokensAttack(Reconstructs):
         why = self._no_counts(update, position_key, used)
         if why is None:
             assert position_key is not None and used is not None
-            owner, residual = position_assignment(grads[token_key][ids], grads[position_key][used])
-            details["assignment_residual"] = residual
-            if owner is not None:
+            found = position_assignment(
+                grads[token_key][ids], grads[position_key][used], tol=self.params.count_tol
+            )
+            details["assignment_deviation"] = found.deviation
+            details["assignment_residual"] = found.residual
+            if found.owner is not None:
                 details["count_method"] = "positions"
                 details["count_note"] = (
-                    "exact: one sequence, and each token's gradient row is the sum of the "
-                    "position-embedding rows of its positions (least squares, rounded, checked)"
+                    "one sequence: each token's gradient row is the sum of the position-"
+                    "embedding rows of its positions (least squares, rounded); exact when the "
+                    "update is noise-free"
+                    + ("" if found.deviation <= COUNT_TOL else ", an estimate on this noisy one")
                 )
-                details["total_tokens"] = int(owner.numel())
-                return ids[owner]
+                details["total_tokens"] = int(found.owner.numel())
+                return ids[found.owner]
             why = (
-                "the token rows are not sums of the position rows "
-                f"(relative residual {residual:.3g} > {ASSIGNMENT_TOL})"
+                "the least-squares position assignment does not round cleanly (largest "
+                f"deviation {found.deviation:.3g} > count_tol {self.params.count_tol})"
             )
         details["count_method"] = "distinct"
         details["count_note"] = f"each recovered id once: {why}"
