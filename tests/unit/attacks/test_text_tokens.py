@@ -182,7 +182,7 @@ def test_noise_on_one_sequence_keeps_counts_while_the_assignment_rounds_within_c
     else:
         assert result.reconstruction.tokens is None
         assert result.details["assignment_deviation"] > count_tol
-        assert "does not round cleanly" in result.details["count_note"]
+        assert "assignment was refused" in result.details["count_note"]
 
 
 def test_params_are_validated() -> None:

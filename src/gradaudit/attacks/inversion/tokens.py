@@ -72,9 +72,9 @@ class TextTokensParams(BaseModel):
     )
     counts: CountMethod = Field(
         "auto",
-        description="auto: exact counts and order from the position-embedding gradient when one "
-        "sequence is behind the update and the assignment checks out, else each id once; "
-        "distinct: always each recovered id once",
+        description="auto: counts and order from the position-embedding gradient when one "
+        "sequence is behind the update and its assignment rounds within count_tol (exact on a "
+        "noise-free update), else each id once; distinct: always each recovered id once",
     )
     count_tol: float = Field(
         COUNT_TOL,
@@ -188,8 +188,9 @@ class TextTokensAttack(Reconstructs):
     The ids of the rows with a non-zero gradient are the distinct tokens of the batch: exact
     on a FedSGD gradient; on a FedAvg model change, the union of the client's local batches
     (plain local SGD: weight decay would move every row); on the aggregate, the union of every
-    included client's tokens. Counts (and the order) are exact when one sequence is behind the
-    update (`position_assignment`); otherwise each recovered id appears once. Padding never
+    included client's tokens. Counts (and the order) are exact when one sequence is behind a
+    noise-free update (`position_assignment`; on a noised one, estimates accepted within
+    `count_tol`); otherwise each recovered id appears once. Padding never
     appears: the padding row has no gradient. With ``rtol > 0`` rows below ``rtol`` times the
     largest row norm are dropped, which trades recall for precision under noise (DP).
 
@@ -329,8 +330,9 @@ class TextTokensAttack(Reconstructs):
                 details["total_tokens"] = int(found.owner.numel())
                 return ids[found.owner]
             why = (
-                "the least-squares position assignment does not round cleanly (largest "
-                f"deviation {found.deviation:.3g} > count_tol {self.params.count_tol})"
+                "the least-squares position assignment was refused (largest deviation from 0/1 "
+                f"{found.deviation:.3g}, count_tol {self.params.count_tol}; relative residual "
+                f"{found.residual:.3g})"
             )
         details["count_method"] = "distinct"
         details["count_note"] = f"each recovered id once: {why}"
