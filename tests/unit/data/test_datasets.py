@@ -24,7 +24,10 @@ ALL_DATASETS = (
     "cifar10",
     "digits",
     "heart_disease",
+    "medquad",
     "mnist",
+    "mtsamples",
+    "mtsamples_fields",
     "pneumoniamnist",
 )
 
@@ -77,7 +80,7 @@ def _check_codes(ds: Dataset) -> None:
 def test_registry_lists_every_dataset_with_a_useful_summary() -> None:
     assert DATASETS.names() == sorted(ALL_DATASETS)
     for entry in DATASETS.entries():
-        assert entry.summary.startswith(("image (", "tabular ("))
+        assert entry.summary.startswith(("image (", "tabular (", "text (", "multimodal ("))
         assert "classes" in entry.summary
         assert "embedded" in entry.summary or "reads " in entry.summary
 
