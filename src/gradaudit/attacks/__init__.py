@@ -12,6 +12,10 @@ from gradaudit.attacks.inversion.analytic import AnalyticAttack, AnalyticParams
 from gradaudit.attacks.inversion.codes import CategoricalCodesAttack, CategoricalCodesParams
 from gradaudit.attacks.inversion.dlg import DLGAttack, DLGParams
 from gradaudit.attacks.inversion.image import InvertingGradientsAttack, InvertingGradientsParams
+from gradaudit.attacks.inversion.multimodal import (
+    MultimodalInversionAttack,
+    MultimodalInversionParams,
+)
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
 from gradaudit.attacks.inversion.tabular import TabularInversionAttack, TabularInversionParams
 from gradaudit.attacks.inversion.tokens import TextTokensAttack, TextTokensParams
@@ -133,6 +137,14 @@ ATTACKS.register(
     "al. 2022)",
     params=LiraParams,
 )(LiraAttack)
+ATTACKS.register(
+    "multimodal_inversion",
+    summary="a record's structured fields and its note together from one update of a fusion "
+    "model: one cosine gradient matching over TabLeak's relaxed fields and token embeddings "
+    "restricted to the tokens present, then LAMP's discrete polish (Vero et al. 2023, TabLeak; "
+    "Balunović et al. 2022, LAMP; Deng et al. 2021, TAG)",
+    params=MultimodalInversionParams,
+)(MultimodalInversionAttack)
 
 
 def build_attack(kind: str, params: dict[str, object], *, where: str = "") -> Attack:
