@@ -471,9 +471,8 @@ class TabularInversionAttack(Reconstructs):
         if update is None:
             return None, reason
         if obs.task.tabular is None or obs.task.modality != "tabular":
-            return None, f"{self.name} reconstructs tabular rows; {obs.task.dataset} is " + (
-                obs.task.modality
-            )
+            task = obs.task
+            return None, f"{self.name} reconstructs tabular rows; {task.dataset} is {task.modality}"
         if update.num_examples > self.params.max_rows:
             return None, (
                 f"the update was computed on {update.num_examples} examples, more than "
