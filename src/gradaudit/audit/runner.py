@@ -34,6 +34,7 @@ from gradaudit.audit.risk import assess
 from gradaudit.audit.scoring import (
     RECOGNISABLE_PSNR,
     psnr_curve,
+    score_inputs,
     score_reconstruction,
     score_validation,
     validation_metrics,
@@ -521,6 +522,11 @@ def _scored_entry(
     )
     validation = validate(result, attack, view, model)
     entry, perm = _entry(result, index, out_dir, true_images, true_labels, dataset.info.class_names)
+    rec = result.reconstruction
+    if result.status == "ok" and any(v is not None for v in (rec.rows, rec.tokens, rec.bag)):
+        metrics, shown = score_inputs(rec, dataset.x_train[indices], dataset.info, dataset.x_test)
+        entry["metrics"].update(metrics)
+        entry["recovered"] = _jsonable(shown)
     _add_validation(entry, result, validation, true_images, perm, scenario.threat.keep_threshold)
     return entry
 

@@ -12,7 +12,10 @@ from torch import Tensor
 
 from gradaudit.audit.risk import IMAGE_HIGH_PSNR, IMAGE_HIGH_SSIM
 from gradaudit.metrics import label_accuracy, match_reconstructions, psnr, ssim
-from gradaudit.types import Reconstruction
+from gradaudit.metrics.bag import bag_metrics, true_bag
+from gradaudit.metrics.tabular import decode_rows, score_rows
+from gradaudit.metrics.text import score_texts
+from gradaudit.types import Reconstruction, TaskInfo
 
 RECOGNISABLE_PSNR = IMAGE_HIGH_PSNR
 """dB from which one reconstructed image counts as recognisable (the risk level's threshold)."""
@@ -59,6 +62,101 @@ def score_reconstruction(
             torch.equal(torch.sort(rec.labels.long()).values, torch.sort(true_labels.long()).values)
         )
     return metrics, perm
+
+
+def score_inputs(
+    rec: Reconstruction, true_x: Tensor, task: TaskInfo, reference: Tensor | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of reconstructed table rows, token sequences and bags, and what to show of them.
+
+    Each modality is scored on its own part of the inputs (a multimodal row holds its tabular
+    columns, then its tokens), so a joint inversion gets per-modality metrics: rows by
+    `metrics.tabular.score_rows` (TabLeak's feature accuracy, beside the random baseline drawn
+    from `reference`, the held-out split), sentences by `metrics.text.score_texts` (ROUGE,
+    BLEU), bags by `metrics.bag.bag_metrics` (recall and precision of tokens or codes; when an
+    attack returns both sentences and a bag, the bag's token metrics are the ones reported).
+
+    Args:
+        rec: what the attack recovered.
+        true_x: (N, ...) the private inputs behind the attacked update, in model space.
+        task: the task's public facts (its tabular and text schemas).
+        reference: held-out inputs standing in for the feature marginals, or None.
+
+    Returns:
+        ``(metrics, shown)``: `shown` holds, when recovered, ``rows`` (reconstructed and true
+        rows side by side in raw units, matched), ``texts`` (sentences side by side, matched)
+        and ``bag`` (the recovered items by name, and the true ones missed).
+    """
+    metrics: dict[str, float] = {}
+    shown: dict[str, Any] = {}
+    if rec.rows is not None:
+        schema = task.tabular
+        if schema is None:
+            raise ValueError(f"rows were reconstructed but {task.dataset} has no tabular schema")
+        width = schema.num_features
+        truth = true_x[:, :width]
+        scored, perm = score_rows(
+            rec.rows,
+            truth,
+            schema,
+            kept=rec.kept,
+            reference=None if reference is None else reference[:, :width],
+        )
+        metrics.update(scored)
+        matched = rec.rows[perm]
+        kept = rec.kept[perm] if rec.kept is not None else None
+        shown["rows"] = [
+            {"reconstructed": r, "truth": t, "kept": True if kept is None else bool(kept[i])}
+            for i, (r, t) in enumerate(
+                zip(decode_rows(matched, schema), decode_rows(truth, schema), strict=True)
+            )
+        ]
+    if rec.tokens is not None:
+        text = task.text
+        if text is None:
+            raise ValueError(f"tokens were reconstructed but {task.dataset} has no text schema")
+        truth = true_x[:, true_x.shape[1] - text.max_length :].long()
+        scored, perm = score_texts(rec.tokens, truth, text)
+        metrics.update(scored)
+        shown["texts"] = [
+            {"reconstructed": text.decode(rec.tokens[perm[i]]), "truth": text.decode(truth[i])}
+            for i in range(truth.shape[0])
+        ]
+    if rec.bag is not None:
+        truth, item = true_bag(true_x, task)
+        metrics.update(bag_metrics(rec.bag, truth, item=item))
+        names = bag_names(task)
+        got, true_ids = set(rec.bag.tolist()), set(truth.tolist())
+        shown["bag"] = {
+            "item": item,
+            "recovered": [names[i] for i in sorted(got) if 0 <= i < len(names)],
+            "false": [names[i] for i in sorted(got - true_ids) if 0 <= i < len(names)],
+            "missed": [names[i] for i in sorted(true_ids - got)],
+        }
+    return metrics, shown
+
+
+def bag_names(task: TaskInfo) -> tuple[str, ...]:
+    """The name of every bag item id: the vocabulary for text, ``column=category`` for codes.
+
+    Example:
+        >>> from gradaudit.types import TabularSchema
+        >>> schema = TabularSchema((), ("sex",), (2,), (("female", "male"),))
+        >>> bag_names(TaskInfo("t", "tabular", (1,), 2, None, ("n", "y"), tabular=schema))
+        ('sex=female', 'sex=male')
+    """
+    if task.text is not None:
+        return task.text.vocab
+    schema = task.tabular
+    if schema is None:
+        return ()
+    names: list[str] = []
+    for j, column in enumerate(schema.categorical):
+        cats = schema.categories[j] if schema.categories else ()
+        names += [
+            f"{column}={cats[c] if c < len(cats) else c}" for c in range(schema.cardinalities[j])
+        ]
+    return tuple(names)
 
 
 def recognisable(per_psnr: Tensor, per_ssim: Tensor) -> Tensor:

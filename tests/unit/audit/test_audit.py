@@ -13,10 +13,10 @@ from gradaudit.audit.io import atomic_write_json
 from gradaudit.audit.render import load_report
 from gradaudit.audit.risk import assess
 from gradaudit.audit.runner import run_audit
-from gradaudit.audit.scoring import score_reconstruction
+from gradaudit.audit.scoring import bag_names, score_inputs, score_reconstruction
 from gradaudit.config import build_scenario
 from gradaudit.errors import GradauditError
-from gradaudit.types import Reconstruction
+from gradaudit.types import Reconstruction, TabularSchema, TaskInfo, TextSchema
 
 BASE = {
     "name": "unit",
@@ -72,6 +72,47 @@ def test_scoring_matches_order_and_rejects_shape_mismatch() -> None:
     assert metrics["label_accuracy"] == 1.0 and metrics["labels_exact"] == 1.0
     with pytest.raises(ValueError, match="reconstructed"):
         score_reconstruction(Reconstruction(images=truth[:2]), truth, torch.tensor([0, 0, 0]))
+
+
+SCHEMA = TabularSchema(
+    ("age",), ("sex",), (2,), (("female", "male"),), numeric_mean=(50.0,), numeric_std=(10.0,)
+)
+TEXT = TextSchema(("<pad>", "<unk>", "chest", "pain", "no", "fever"), max_length=3)
+MULTI = TaskInfo("m", "multimodal", (5,), 2, None, ("n", "y"), tabular=SCHEMA, text=TEXT)
+
+
+def test_score_inputs_scores_each_modality_on_its_own_columns() -> None:
+    truth = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.0], [1.0, 0.0, 4.0, 5.0, 2.0]])
+    rec = Reconstruction(
+        rows=truth[[1, 0], :2],  # the attacker's order carries no meaning
+        tokens=torch.tensor([[4, 5, 3], [2, 3, 0]]),
+        bag=torch.tensor([2, 3, 5]),
+        kept=torch.tensor([True, False]),
+    )
+    metrics, shown = score_inputs(rec, truth, MULTI, reference=truth)
+    assert metrics["feature_accuracy"] == 1.0
+    assert metrics["kept_rows"] == 1.0
+    assert metrics["rouge1"] < 1.0  # the second sentence got one word wrong
+    # the bag's recall and precision (which words leaked) win over the sentences' own
+    assert metrics["token_recall"] == 0.75 and metrics["token_precision"] == 1.0
+    first, second = shown["rows"]
+    assert first["truth"] == {"age": 50.0, "sex": "male"} and first["kept"] is False
+    assert second["reconstructed"] == {"age": 60.0, "sex": "female"} and second["kept"] is True
+    assert [t["truth"] for t in shown["texts"]] == ["chest pain", "no fever chest"]
+    assert shown["texts"][0]["reconstructed"] == "chest pain"
+    assert shown["bag"] == {
+        "item": "token",
+        "recovered": ["chest", "pain", "fever"],
+        "false": [],
+        "missed": ["no"],
+    }
+
+
+def test_score_inputs_refuses_rows_of_a_task_without_a_schema() -> None:
+    image = TaskInfo("d", "image", (1, 2, 2), 2, None, ("a", "b"))
+    with pytest.raises(ValueError, match="no tabular schema"):
+        score_inputs(Reconstruction(rows=torch.zeros(1, 2)), torch.zeros(1, 1, 2, 2), image)
+    assert bag_names(image) == ()
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ _METRIC_FORMATS = {
     "feature_accuracy_random": ("random rows", "{:.1%}"),
     "categorical_accuracy": ("categorical accuracy", "{:.1%}"),
     "numeric_accuracy": ("numeric accuracy", "{:.1%}"),
+    "rows_exact": ("rows entirely right", "{:.1%}"),
     "kept_rows": ("rows kept by the attacker", "{:.0f}"),
     "kept_feature_accuracy": ("feature accuracy of kept rows", "{:.1%}"),
     "rouge1": ("ROUGE-1", "{:.3f}"),
