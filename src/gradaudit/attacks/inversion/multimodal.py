@@ -461,8 +461,9 @@ class MultimodalInversionParams(BaseModel):
         0.2,
         ge=0,
         description="weight of the n-gram language model's mean negative log-likelihood per "
-        "token in the discrete steps, trained on the granted public notes (LAMP cosine: 0.2); "
-        "0, or no public data, disables it",
+        "token in the discrete steps, relative to the current gradient distance (the prior "
+        "weighs prior_weight * distance, so an exact match is never traded for a likelier "
+        "note); trained on the granted public notes; 0, or no public data, disables it",
     )
     lm_order: int = Field(3, ge=1, le=5, description="n of the n-gram prior")
     numeric_steps: int = Field(
@@ -508,8 +509,17 @@ class MultimodalInversionAttack(Reconstructs):
     One gradient-matching optimisation over both modalities (TabLeak's relaxation of the
     fields, LAMP/TAG's token embeddings restricted to the tokens present, shared labels), then a
     discrete polish (LAMP's rearrangements with an n-gram prior, code and numeric steps); see
-    the module docstring. Labels are the granted ones when the threat model grants them, else
-    recovered from the classifier head (iDLG at batch 1, the bias gradient above).
+    the module docstring.
+
+    The prior's weight follows the match: LAMP adds ``0.2 * perplexity`` to a BERT-sized cosine
+    distance, but a small fusion model's distances are orders of magnitude smaller, and at
+    batch 1 the gradient pins the note exactly, so a fixed weight trades the exact note for a
+    likelier one (measured: ROUGE-2 1.0 without the prior, 0.86 with weight 0.005, 0.34 with
+    0.2). Each round the prior weighs ``prior_weight`` times the current distance instead: it
+    decides among near-ties while the match is poor and vanishes as the match becomes exact.
+
+    Labels are the granted ones when the threat model grants them, else recovered from the
+    classifier head (iDLG at batch 1, the bias gradient above).
 
     Vero et al., "TabLeak", ICML 2023; Balunović et al., "LAMP", NeurIPS 2022; Deng et al.,
     "TAG", Findings of EMNLP 2021. Threat model: an honest-but-curious server that sees the
@@ -826,7 +836,7 @@ class MultimodalInversionAttack(Reconstructs):
         longest = problem.longest
         lengths = problem.lengths.clone()
         work = tokens[:, :longest].clone()
-        weight = p.prior_weight if prior is not None else 0.0
+        weight = [0.0]  # the prior's weight this round (see the class docstring)
 
         def score(cand_tokens: Tensor, cand_lengths: Tensor) -> Tensor:
             padded = torch.full(
@@ -835,9 +845,9 @@ class MultimodalInversionAttack(Reconstructs):
             padded[..., :longest] = in_use(cand_tokens, cand_lengths, pad)
             x = joined(rows.expand(cand_tokens.shape[0], -1, -1), padded)
             costs = problem.distances(x)
-            if prior is not None and weight:
+            if prior is not None and weight[0] > 0:
                 nll = torch.stack([prior.nll(t).mean() for t in padded])
-                costs = costs + weight * nll
+                costs = costs + weight[0] * nll
             return costs
 
         def padded_tokens() -> Tensor:
@@ -845,13 +855,14 @@ class MultimodalInversionAttack(Reconstructs):
             out[:, :longest] = in_use(work, lengths, pad)
             return out
 
-        cost = float(score(work[None], lengths[None])[0])
         rounds = stale = codes_changed = sweeps = 0
         for _ in range(p.polish_rounds):
-            if cost < CONVERGED or (deadline is not None and time.perf_counter() >= deadline):
+            distance = float(problem.distances(joined(rows, padded_tokens())[None])[0])
+            if distance < CONVERGED or (deadline is not None and time.perf_counter() >= deadline):
                 break
             rounds += 1
-            before = cost
+            weight[0] = p.prior_weight * max(distance, 0.0) if prior is not None else 0.0
+            before = float(score(work[None], lengths[None])[0])
             work, lengths, _, _ = discrete_step(
                 work,
                 lengths,
@@ -861,9 +872,8 @@ class MultimodalInversionAttack(Reconstructs):
                 pool=problem.allowed,
                 full_length=longest,
             )
-            stepped = float(score(work[None], lengths[None])[0])
-            if stepped >= before - 1e-9:  # LAMP's random moves found nothing: try them all
-                sweeps += 1
+            if float(score(work[None], lengths[None])[0]) >= before - 1e-9:
+                sweeps += 1  # LAMP's random moves found nothing better: try every neighbour
                 for sentence in range(problem.count):
                     variants = sweep_candidates(work, lengths, sentence, problem.allowed)
                     costs = score(variants, lengths.expand(variants.shape[0], -1))
@@ -873,8 +883,8 @@ class MultimodalInversionAttack(Reconstructs):
             rows = numeric_polish(
                 problem, rows, padded_tokens(), steps=p.numeric_steps, lr=0.1 * p.lr
             )
-            cost = float(score(work[None], lengths[None])[0])
-            stale = stale + 1 if cost >= before - 1e-9 else 0
+            after = float(score(work[None], lengths[None])[0])
+            stale = stale + 1 if after >= before - 1e-9 else 0
             if stale >= p.patience:
                 break
         final = padded_tokens()
