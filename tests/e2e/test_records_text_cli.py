@@ -59,6 +59,7 @@ def test_heart_disease_codes_and_rows(tmp_path: Path, shared_data_dir: Path) -> 
         "attacks[2].params.restarts=8",
     )
     labels, codes, rows = data["attacks"]
+    assert labels["metrics"]["labels_exact"] == 1.0
     assert codes["metrics"]["code_recall"] == 1.0 and codes["metrics"]["code_precision"] == 1.0
     assert any(name.startswith("cp=") for name in codes["recovered"]["bag"]["recovered"])
     m = rows["metrics"]
