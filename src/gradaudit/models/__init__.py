@@ -55,7 +55,7 @@ MODELS.register(
 MODELS.register(
     "tabular_mlp",
     summary="MLP with per-column categorical embeddings, as in Vero et al., TabLeak (ICML 2023); "
-    "params: hidden=[100, 100], embedding_dim=8",
+    "params: hidden=[100, 100], embedding_dim=8, encoding=embedding|onehot",
     params=TabularMLPParams,
 )(build_tabular_mlp)
 MODELS.register(
