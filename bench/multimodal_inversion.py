@@ -104,6 +104,7 @@ def main() -> None:
         ]
         out[f"batch_{size}"] = {
             "mean": {k: float(np.mean([t[k] for t in trials])) for k in trials[0]},
+            "std": {k: float(np.std([t[k] for t in trials])) for k in trials[0]},
             "per_batch": trials,
         }
     print(json.dumps(out, indent=2))

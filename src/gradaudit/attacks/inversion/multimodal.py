@@ -21,13 +21,18 @@ gradient-matching optimisation:
 * the projected candidate is then polished discretely: LAMP's rearrangements of each note
   (swaps, moves, replacements by present tokens, exchanges, lengths; `discrete_step`), scored
   by the gradient distance plus, when public text is granted, an n-gram language model's
-  negative log-likelihood; every present code of every field; and a few Adam steps on the
-  numeric fields. TAG (Deng et al., "TAG: Gradient Attack on Transformer-based Language
-  Models", Findings of EMNLP 2021) is the first text attack of this kind.
+  negative log-likelihood, and, when those random moves find nothing better, every single
+  replacement and swap (`sweep_candidates`); every present code of every field (`code_moves`);
+  and a few Adam steps on the numeric fields (`numeric_polish`). TAG (Deng et al., "TAG:
+  Gradient Attack on Transformer-based Language Models", Findings of EMNLP 2021) is the first
+  text attack of this kind.
 
 Sequence lengths come from the position-embedding gradient: its rows in use are the longest
 note's positions (exact for one note). With several notes, each note that ends lowers the row
-norms from its last position on; `sequence_lengths` finds those steps.
+norms from its last position on; `sequence_lengths` finds those steps. For one note the same
+gradient also orders its tokens (`attacks.inversion.tokens.position_assignment`), which is the
+note's start by default (``init``); the fields and the note are still optimised together from
+there, and ``init: random`` starts from uniform mixtures instead.
 """
 
 from __future__ import annotations
