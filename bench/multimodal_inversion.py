@@ -74,6 +74,11 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=None)
     parser.add_argument("--prior-weight", type=float, default=None)
     parser.add_argument("--init", choices=["auto", "positions", "random"], default=None)
+    parser.add_argument(
+        "--tensor-blocks",
+        action="store_true",
+        help="ablation: compare whole tensors, not every looked-up embedding row on its own",
+    )
     args = parser.parse_args()
     overrides = {
         k: v
@@ -82,6 +87,7 @@ def main() -> None:
             "restarts": args.restarts,
             "prior_weight": args.prior_weight,
             "init": args.init,
+            "row_blocks": False if args.tensor_blocks else None,
         }.items()
         if v is not None
     }

@@ -181,14 +181,19 @@ def test_refusals() -> None:
     assert attack().applicable(blind) == "the adversary does not know the model architecture"
 
 
-def test_batch_one_with_one_hot_fields_from_the_position_start() -> None:
+def test_batch_one_with_one_hot_fields_from_the_position_start_with_a_prior() -> None:
     model = build_model(
         "fusion", {**SMALL, "encoding": "onehot"}, TASK, generator=torch.Generator().manual_seed(0)
     )
     x, y = records(1, seed=7)
-    obs = observe_batch(model, x, y, TASK, knows=("architecture", "labels"))
-    result = attack().run(obs, model, rng=torch.Generator().manual_seed(0))
+    public = records(16, seed=8)
+    knows = ("architecture", "labels", "public_data")
+    obs = observe_batch(model, x, y, TASK, knows=knows, public_data=public)
+    # with LAMP's language prior of the public notes: its weight follows the distance, so the
+    # exact note is kept however unlikely the prior finds it
+    result = attack(prior_weight=0.5).run(obs, model, rng=torch.Generator().manual_seed(0))
     assert result.details["note"]["init"].startswith("positions")
+    assert result.details["note"]["prior"].startswith("3-gram Kneser-Ney model of 16 public")
     rec = result.reconstruction
     assert torch.equal(rec.rows[:, 1:], x[:, 1:3])
     assert torch.equal(rec.tokens, x[:, 3:].long())

@@ -463,12 +463,18 @@ class MultimodalInversionParams(BaseModel):
         100, ge=1, description="note variants per example in a LAMP discrete step (LAMP: 200)"
     )
     prior_weight: float = Field(
-        0.2,
+        0.0,
         ge=0,
         description="weight of the n-gram language model's mean negative log-likelihood per "
         "token in the discrete steps, relative to the current gradient distance (the prior "
         "weighs prior_weight * distance, so an exact match is never traded for a likelier "
-        "note); trained on the granted public notes; 0, or no public data, disables it",
+        "note); trained on the granted public notes; 0 (the default: on MTSamples it did not "
+        "help, docs/BENCHMARKS.md), or no public data, disables it",
+    )
+    row_blocks: bool = Field(
+        True,
+        description="compare every looked-up embedding row (a token's, a position's, a code's "
+        "gradient) as a block of its own; False compares whole tensors (LAMP's layer-wise cosine)",
     )
     lm_order: int = Field(3, ge=1, le=5, description="n of the n-gram prior")
     numeric_steps: int = Field(
@@ -516,12 +522,14 @@ class MultimodalInversionAttack(Reconstructs):
     discrete polish (LAMP's rearrangements with an n-gram prior, code and numeric steps); see
     the module docstring.
 
-    The prior's weight follows the match: LAMP adds ``0.2 * perplexity`` to a BERT-sized cosine
-    distance, but a small fusion model's distances are orders of magnitude smaller, and at
-    batch 1 the gradient pins the note exactly, so a fixed weight trades the exact note for a
-    likelier one (measured: ROUGE-2 1.0 without the prior, 0.86 with weight 0.005, 0.34 with
-    0.2). Each round the prior weighs ``prior_weight`` times the current distance instead: it
-    decides among near-ties while the match is poor and vanishes as the match becomes exact.
+    The language prior (off by default) follows the match: LAMP adds ``0.2 * perplexity`` to a
+    BERT-sized cosine distance, but a small fusion model's distances are orders of magnitude
+    smaller, and at batch 1 the gradient pins the note exactly, so a fixed weight trades the
+    exact note for a likelier one (measured: ROUGE-2 1.0 without the prior, 0.86 with weight
+    0.005, 0.34 with 0.2). Each round the prior weighs ``prior_weight`` times the current
+    distance instead: it decides among near-ties while the match is poor and vanishes as the
+    match becomes exact. Even so, a 3-gram model of MTSamples' 81 held-out notes did not help at
+    batch 4 (docs/BENCHMARKS.md), so it is off unless asked for.
 
     Labels are the granted ones when the threat model grants them, else recovered from the
     classifier head (iDLG at batch 1, the bias gradient above).
@@ -695,8 +703,8 @@ class MultimodalInversionAttack(Reconstructs):
         )
         low, high = plausible_bounds(obs.task, default=p.numeric_bound)
         relaxation = Relaxation(low, high, tuple(tabular.cardinalities), support=support)
-        split = [token_key, position_key]
-        if model.tabular.encoding == "embedding":
+        split = [token_key, position_key] if p.row_blocks else []
+        if model.tabular.encoding == "embedding" and p.row_blocks:
             split += code_keys
         blocks = matching_blocks(model, grads, split)
         problem = JointProblem(model, labels, blocks, relaxation, allowed, lengths, tabular, text)
