@@ -896,9 +896,7 @@ class MultimodalInversionAttack(Reconstructs):
                     work = variants[int(torch.argmin(costs))]
             rows, _, changed = code_moves(problem, rows, padded_tokens())
             codes_changed += changed
-            rows = numeric_polish(
-                problem, rows, padded_tokens(), steps=p.numeric_steps, lr=0.1 * p.lr
-            )
+            rows = numeric_polish(problem, rows, padded_tokens(), steps=p.numeric_steps, lr=p.lr)
             after = float(score(work[None], lengths[None])[0])
             stale = stale + 1 if after >= before - 1e-9 else 0
             if stale >= p.patience:
