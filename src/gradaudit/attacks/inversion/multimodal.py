@@ -785,8 +785,9 @@ class MultimodalInversionAttack(Reconstructs):
         search: BestSoFar,
         deadline: float | None,
     ) -> tuple[Tensor, Tensor, float]:
-        """Adam on the relaxed fields and notes from `restarts` starts; the projected candidate
-        (every `PROJECT_EVERY` steps) with the lowest distance, and the best relaxed distance."""
+        """Adam on the relaxed fields and notes from `restarts` starts; of the projected
+        candidates (every `PROJECT_EVERY` steps, where each run ended and at its lowest relaxed
+        distance) the one with the lowest distance, and the lowest relaxed distance."""
         p = self.params
         cont_deadline = None
         if deadline is not None:
@@ -803,6 +804,7 @@ class MultimodalInversionAttack(Reconstructs):
             logits.requires_grad_(True)
             optimiser = torch.optim.Adam([z, logits], lr=p.lr)
             clock = Clock.start(p.iterations, cont_deadline, p.restarts - restart)
+            restart_best: tuple[float, Tensor, Tensor] | None = None
             for step in range(p.iterations):
                 set_learning_rates(
                     optimiser, [p.lr], schedule_factor(p.schedule, clock.fraction(step))
@@ -810,14 +812,12 @@ class MultimodalInversionAttack(Reconstructs):
                 optimiser.zero_grad()
                 distance = problem.relaxed_distance(z, logits)
                 value = float(distance.detach())
-                relaxed_best = min(relaxed_best, value)
+                if restart_best is None or value < restart_best[0]:
+                    restart_best = (value, z.detach().clone(), logits.detach().clone())
                 out = clock.out_of_time()
                 last = out or step + 1 == p.iterations
-                if step % PROJECT_EVERY == 0 or last:
-                    rows, tokens = problem.decode(z, logits)
-                    projected = float(problem.distances(joined(rows, tokens)[None])[0])
-                    if best is None or projected < best[0]:
-                        best = (projected, rows, tokens)
+                if step % PROJECT_EVERY == 0:
+                    best = _better(best, problem, z, logits)
                 search.offer(
                     torch.cat([z.detach().flatten(), logits.detach().flatten()]),
                     value,
@@ -827,11 +827,15 @@ class MultimodalInversionAttack(Reconstructs):
                     break
                 distance.backward()
                 optimiser.step()
+            assert restart_best is not None
+            best = _better(best, problem, z, logits)  # where the run ended
+            best = _better(best, problem, restart_best[1], restart_best[2])
+            relaxed_best = min(relaxed_best, restart_best[0])
             logger.info(
                 "multimodal_inversion restart %d: best relaxed %.4g, best projected %.4g",
                 restart,
-                relaxed_best,
-                best[0] if best is not None else math.nan,
+                restart_best[0],
+                best[0],
             )
         assert best is not None
         return best[1], best[2], relaxed_best
@@ -910,6 +914,15 @@ class MultimodalInversionAttack(Reconstructs):
             "seconds": time.perf_counter() - started,
         }
         return rows, final, lengths, distance, facts
+
+
+def _better(
+    best: tuple[float, Tensor, Tensor] | None, problem: JointProblem, z: Tensor, logits: Tensor
+) -> tuple[float, Tensor, Tensor]:
+    """`best` or the projection of ``(z, logits)``, whichever has the lower distance."""
+    rows, tokens = problem.decode(z, logits)
+    projected = float(problem.distances(joined(rows, tokens)[None])[0])
+    return best if best is not None and best[0] <= projected else (projected, rows, tokens)
 
 
 def _embedding_keys(model: FusionClassifier) -> dict[str, list[str] | str]:
