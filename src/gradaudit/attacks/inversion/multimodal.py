@@ -21,8 +21,9 @@ gradient-matching optimisation:
 * the projected candidate is then polished discretely: LAMP's rearrangements of each note
   (swaps, moves, replacements by present tokens, exchanges, lengths; `discrete_step`), scored
   by the gradient distance plus, when public text is granted, an n-gram language model's
-  negative log-likelihood, and, when those random moves find nothing better, every single
-  replacement and swap (`sweep_candidates`); every present code of every field (`code_moves`);
+  negative log-likelihood, and, when those random moves find nothing better, every present
+  token at every position and every swap of two positions (`substitution_sweep`,
+  `swap_sweep`); every present code of every field (`code_moves`);
   and a few Adam steps on the numeric fields (`numeric_polish`). TAG (Deng et al., "TAG:
   Gradient Attack on Transformer-based Language Models", Findings of EMNLP 2021) is the first
   text attack of this kind.
@@ -68,7 +69,13 @@ from gradaudit.attacks.inversion.tabular import (
     relaxed_inputs,
     relaxed_rows,
 )
-from gradaudit.attacks.inversion.text import discrete_step, gradient_distance, in_use
+from gradaudit.attacks.inversion.text import (
+    discrete_step,
+    gradient_distance,
+    in_use,
+    substitution_sweep,
+    swap_sweep,
+)
 from gradaudit.attacks.inversion.tokens import position_assignment
 from gradaudit.attacks.labels import (
     LabelMethod,
@@ -369,31 +376,6 @@ def code_moves(problem: JointProblem, rows: Tensor, tokens: Tensor) -> tuple[Ten
                 x, cost = variants[best], float(costs[best])
                 changed += 1
     return x[:, : problem.tabular.num_features], cost, changed
-
-
-def sweep_candidates(tokens: Tensor, lengths: Tensor, sentence: int, allowed: Tensor) -> Tensor:
-    """The batch `tokens` (N, L) itself, then every batch that differs from it in one position
-    of `sentence` (replaced by each allowed token in turn, the unchanged one included) or in
-    the order of two of its positions (swapped), (K, N, L): the exhaustive neighbourhood that
-    complements LAMP's random rearrangements.
-
-    Example:
-        >>> sweep_candidates(torch.tensor([[2, 3]]), torch.tensor([2]), 0, torch.tensor([2, 3]))[
-        ...     :, 0].tolist()
-        [[2, 3], [2, 3], [3, 3], [2, 2], [2, 3], [3, 2]]
-    """
-    length = int(lengths[sentence])
-    variants = [tokens.clone()]
-    for position in range(length):
-        replaced = tokens[None].repeat(allowed.numel(), 1, 1)
-        replaced[:, sentence, position] = allowed
-        variants.extend(replaced)
-    for a in range(length):
-        for b in range(a + 1, length):
-            swapped = tokens.clone()
-            swapped[sentence, a], swapped[sentence, b] = tokens[sentence, b], tokens[sentence, a]
-            variants.append(swapped)
-    return torch.stack(variants)
 
 
 def numeric_polish(
@@ -894,10 +876,8 @@ class MultimodalInversionAttack(Reconstructs):
             )
             if float(score(work[None], lengths[None])[0]) >= before - 1e-9:
                 sweeps += 1  # LAMP's random moves found nothing better: try every neighbour
-                for sentence in range(problem.count):
-                    variants = sweep_candidates(work, lengths, sentence, problem.allowed)
-                    costs = score(variants, lengths.expand(variants.shape[0], -1))
-                    work = variants[int(torch.argmin(costs))]
+                work, _ = substitution_sweep(work, lengths, score, problem.allowed)
+                work, _ = swap_sweep(work, lengths, score)
             rows, _, changed = code_moves(problem, rows, padded_tokens())
             codes_changed += changed
             rows = numeric_polish(problem, rows, padded_tokens(), steps=p.numeric_steps, lr=p.lr)
@@ -946,5 +926,4 @@ __all__ = [
     "multimodal_dummy_inputs",
     "numeric_polish",
     "sequence_lengths",
-    "sweep_candidates",
 ]
