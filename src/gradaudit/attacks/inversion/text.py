@@ -367,6 +367,45 @@ def swap_sweep(tokens: Tensor, lengths: Tensor, score: Score) -> tuple[Tensor, f
     return tokens, cost
 
 
+def exchange_sweep(
+    tokens: Tensor, lengths: Tensor, score: Score, *, deadline: float | None = None
+) -> tuple[Tensor, float]:
+    """Every exchange of a token of one sentence with a token of another, scored at once per
+    pair of sentences; each pair in turn takes the best (ours: a token put in the wrong
+    sentence needs two coordinated changes, which a one-position sweep cannot make).
+
+    Stops early (after a whole pair) once `deadline` (a ``time.perf_counter()`` value) passes.
+
+    Returns:
+        The tokens after the sweep and their cost (inf with a single sentence).
+
+    Example:
+        >>> target = torch.tensor([[3, 1], [4, 5]])
+        >>> def score(t, _lengths):
+        ...     return (t != target).sum(dim=(1, 2)).double()
+        >>> swapped, cost = exchange_sweep(torch.tensor([[3, 5], [4, 1]]), torch.tensor([2, 2]),
+        ...                                score)
+        >>> swapped.tolist(), cost
+        ([[3, 1], [4, 5]], 0.0)
+    """
+    n_sent = tokens.shape[0]
+    cost = math.inf
+    for n, m in torch.combinations(torch.arange(n_sent), 2).tolist():
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
+        pairs = torch.cartesian_prod(torch.arange(int(lengths[n])), torch.arange(int(lengths[m])))
+        pairs = pairs.view(-1, 2)
+        pairs = pairs[tokens[n, pairs[:, 0]] != tokens[m, pairs[:, 1]]]
+        candidates = tokens.expand(pairs.shape[0] + 1, *tokens.shape).clone()
+        rows = torch.arange(1, pairs.shape[0] + 1)
+        candidates[rows, n, pairs[:, 0]] = tokens[m, pairs[:, 1]]
+        candidates[rows, m, pairs[:, 1]] = tokens[n, pairs[:, 0]]
+        costs = score(candidates, lengths.expand(pairs.shape[0] + 1, n_sent))
+        best = int(torch.argmin(costs))
+        tokens, cost = candidates[best], float(costs[best])
+    return tokens, cost
+
+
 def discrete_step(
     tokens: Tensor,
     lengths: Tensor,
@@ -577,7 +616,7 @@ class TextInversionParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     iterations: int = Field(300, ge=1, description="continuous Adam steps per restart (LAMP: 2000)")
     restarts: int = Field(
-        2,
+        1,
         ge=1,
         description="continuous runs from new random starts; the best candidate of all is "
         "polished (a run that explains the update exactly ends the search)",
@@ -645,8 +684,8 @@ class TextInversionParams(BaseModel):
         20,
         ge=0,
         description="rounds after the continuous runs, each a substitution sweep (every allowed "
-        "token tried at every position), a swap sweep (every pair of positions) and a discrete "
-        "step that also replaces tokens and exchanges them between sentences",
+        "token tried at every position), a swap sweep (every pair of positions of a sentence), "
+        "an exchange sweep (every pair of positions of two sentences) and a discrete step",
     )
     patience: int = Field(
         2, ge=1, description="polish rounds without improvement before the polish stops"
@@ -1100,6 +1139,7 @@ class _Search:
                 state.tokens, state.lengths, self.cost, self.matcher.allowed
             )
             tokens, _ = swap_sweep(tokens, state.lengths, self.cost)
+            tokens, _ = exchange_sweep(tokens, state.lengths, self.cost, deadline=deadline)
             if self.offer(_State(tokens, state.lengths)):
                 return rounds + 1, True
             tokens, lengths, _, cost = discrete_step(
