@@ -18,6 +18,7 @@ from gradaudit.attacks.inversion.multimodal import (
 )
 from gradaudit.attacks.inversion.prior import PriorInversionAttack, PriorInversionParams
 from gradaudit.attacks.inversion.tabular import TabularInversionAttack, TabularInversionParams
+from gradaudit.attacks.inversion.text import TextInversionAttack, TextInversionParams
 from gradaudit.attacks.inversion.tokens import TextTokensAttack, TextTokensParams
 from gradaudit.attacks.labels import LabelRecoveryAttack, LabelRecoveryParams
 from gradaudit.attacks.membership.active import (
@@ -75,6 +76,13 @@ ATTACKS.register(
     "non-zero rows (Melis et al. 2019); exact counts and order for one sequence",
     params=TextTokensParams,
 )(TextTokensAttack)
+ATTACKS.register(
+    "text_inversion",
+    summary="the target's sentences, word order included: gradient matching over the token set "
+    "with LAMP's discrete steps and an n-gram prior on public text (TAG, Deng et al. 2021; "
+    "LAMP, Balunović et al. 2022)",
+    params=TextInversionParams,
+)(TextInversionAttack)
 ATTACKS.register(
     "tabular_inversion",
     summary="tabular rows by cosine gradient matching over softmax-relaxed categories, pooled "
