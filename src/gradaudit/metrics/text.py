@@ -100,7 +100,7 @@ def rouge_l(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> flo
 def modified_precision(
     candidate: Sequence[Hashable], references: Sequence[Sequence[Hashable]], n: int
 ) -> tuple[int, int]:
-    """BLEU's clipped n-gram matches and the candidate's n-gram count (at least 1).
+    """BLEU's clipped n-gram matches and the candidate's number of n-grams.
 
     Each candidate n-gram counts at most as often as it occurs in a single reference
     (Papineni et al. 2002, section 2.1).
@@ -115,7 +115,7 @@ def modified_precision(
     most: Counter[tuple[Hashable, ...]] = Counter()
     for reference in references:
         most |= ngram_counts(reference, n)
-    return sum((counts & most).values()), max(1, counts.total())
+    return sum((counts & most).values()), counts.total()
 
 
 def bleu(
@@ -133,7 +133,10 @@ def bleu(
     length of each candidate's closest reference (shorter on ties), and the score is 0 when no
     unigram matches: NLTK's ``corpus_bleu``. Smoothing: an order with no match at all gets
     `epsilon` matches instead of 0 (NLTK's ``SmoothingFunction().method1``, Chen & Cherry 2014),
-    which keeps short sentences from scoring 0 for want of a 4-gram; None disables it.
+    which keeps short sentences from scoring 0 for want of a 4-gram; None disables it. One
+    difference from NLTK: an order that no candidate is long enough to have is left out of the
+    geometric mean (sacrebleu's effective order) rather than counted as a miss, so a perfect
+    reconstruction scores 1 whatever its length.
 
     Args:
         candidates: one token sequence per candidate.
@@ -172,13 +175,11 @@ def bleu(
         ref_length += min((abs(len(r) - len(candidate)), len(r)) for r in refs)[1]
     if matches[0] == 0:
         return 0.0
-    if any(m == 0 for m in matches) and epsilon is None:
+    orders = [(m, t) for m, t in zip(matches, totals, strict=True) if t > 0]
+    if any(m == 0 for m, _ in orders) and epsilon is None:
         return 0.0
-    log_precision = sum(
-        math.log((m if m > 0 else float(epsilon)) / t)  # type: ignore[arg-type]
-        for m, t in zip(matches, totals, strict=True)
-    )
-    return brevity_penalty(ref_length, cand_length) * math.exp(log_precision / max_n)
+    log_precision = sum(math.log((m if m > 0 else float(epsilon)) / t) for m, t in orders)  # type: ignore[arg-type]
+    return brevity_penalty(ref_length, cand_length) * math.exp(log_precision / len(orders))
 
 
 def brevity_penalty(reference_length: int, candidate_length: int) -> float:

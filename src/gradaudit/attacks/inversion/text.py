@@ -290,6 +290,34 @@ def rearrangements(
     return torch.stack(out_tokens), torch.stack(out_lengths), torch.stack(out_source)
 
 
+def ranking_cost(
+    distances: Tensor, nll: Tensor | None, weight: float, *, floor: float = CONVERGED
+) -> Tensor:
+    """How discrete candidates are ranked: ``log(max(distance, floor)) + weight * nll``.
+
+    LAMP ranks by gradient distance plus its weight times the language model's score. Here
+    the distance enters as its logarithm, so the prior trades a relative change of distance
+    (one nat of mean per-token negative log-likelihood is worth a factor ``exp(weight)``)
+    whatever the model's distance scale, and can never make a fluent sentence beat one that
+    reproduces the update (all distances below `floor` tie, and the prior breaks the tie).
+
+    Args:
+        distances: (K,) gradient distances.
+        nll: (K,) the language model's mean negative log-likelihood per token, or None.
+        weight: the prior's weight.
+        floor: distances below it count as exact.
+
+    Example:
+        >>> d = torch.tensor([1e-3, 2e-3, 0.0])
+        >>> ranking_cost(d, torch.tensor([5.0, 1.0, 9.0]), 0.2).argsort().tolist()
+        [2, 1, 0]
+    """
+    costs = distances.to(torch.float64).clamp_min(floor).log()
+    if nll is not None and weight:
+        costs = costs + weight * nll.to(torch.float64)
+    return costs
+
+
 def in_use(tokens: Tensor, lengths: Tensor, pad_id: int) -> Tensor:
     """`tokens` with every position at or after its sentence's length set to `pad_id`.
 
@@ -468,9 +496,10 @@ class TokenMatcher:
     embedding whose output the rest of the model takes, like `models.transformer`).
 
     Continuous candidates (embeddings) are compared on every sent parameter but the token
-    embedding (whose gradient needs a lookup); discrete candidates (token ids) are compared on
-    those and on the token-embedding rows of the allowed ids, many at once with
-    ``torch.func.vmap``.
+    embedding (whose gradient needs a lookup), with `loss`; discrete candidates (token ids)
+    are compared on those and on the token-embedding rows of the allowed ids, many at once
+    with ``torch.func.vmap``, with `rank_loss` (the cosine by default: it is scale-free, so a
+    language prior's weight means the same on any model).
 
     Attributes:
         model: the attacker's copy of the global model.
@@ -480,8 +509,9 @@ class TokenMatcher:
         allowed: the token ids a sentence may hold, ascending.
         table: their embedding rows (K, D).
         table_target: the observed gradient of those rows, or None (token embedding withheld).
-        loss: the gradient distance.
+        loss: the gradient distance of continuous candidates.
         alpha: TAG's L1 weight.
+        rank_loss: the gradient distance of discrete candidates.
         chunk: discrete candidates evaluated per vectorised call.
     """
 
@@ -494,6 +524,7 @@ class TokenMatcher:
     table_target: Tensor | None
     loss: MatchLoss = "cosine"
     alpha: float = TAG_ALPHA
+    rank_loss: MatchLoss = "cosine"
     chunk: int = 64
 
     def continuous(self, embeddings: Tensor, keep: Tensor, *, create_graph: bool = True) -> Tensor:
@@ -574,7 +605,7 @@ class TokenMatcher:
         targets = self._targets()
 
         def distance(*grads: Tensor) -> Tensor:
-            return gradient_distance(grads, targets, loss=self.loss, alpha=self.alpha)
+            return gradient_distance(grads, targets, loss=self.rank_loss, alpha=self.alpha)
 
         batched = vmap(distance)
         out = []
@@ -606,15 +637,14 @@ def _token_param(model: nn.Module) -> str:
 
 Relaxation = Literal["softmax", "embeddings"]
 
-DEFAULT_LR: dict[str, float] = {"softmax": 0.1, "embeddings": 0.01}
-"""Adam step size per relaxation when `lr` is not given (embeddings: LAMP's cosine setting)."""
-
 
 class TextInversionParams(BaseModel):
     """Parameters of `text_inversion` (LAMP's settings where it has one, in parentheses)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    iterations: int = Field(300, ge=1, description="continuous Adam steps per restart (LAMP: 2000)")
+    iterations: int = Field(
+        500, ge=1, description="continuous Adam steps per restart (LAMP: 2000; TAG: 2500)"
+    )
     restarts: int = Field(
         1,
         ge=1,
@@ -631,28 +661,31 @@ class TextInversionParams(BaseModel):
         0.7, gt=0, lt=1, description="share of max_seconds for the continuous runs"
     )
     relaxation: Relaxation = Field(
-        "softmax",
-        description="what the continuous phase optimises: softmax (ours: a distribution over the "
-        "allowed tokens per position, whose expected embedding enters the model) or "
-        "embeddings (TAG/LAMP: free token embeddings, projected to the nearest allowed token)",
+        "embeddings",
+        description="what the continuous phase optimises: embeddings (TAG/LAMP: free token "
+        "embeddings, projected to the nearest allowed token) or softmax (ours: a distribution "
+        "over the allowed tokens per position, whose expected embedding enters the model)",
     )
     loss: MatchLoss = Field(
+        "tag",
+        description="gradient distance of the continuous phase: tag (TAG: L2 + tag_alpha * L1) "
+        "or cosine (LAMP: mean 1 - cos per tensor)",
+    )
+    rank_loss: MatchLoss = Field(
         "cosine",
-        description="gradient distance: cosine (LAMP: mean 1 - cos per tensor) or tag (TAG: "
-        "L2 + tag_alpha * L1)",
+        description="gradient distance that ranks discrete candidates (with the prior): cosine "
+        "(scale-free, so prior_weight means the same on any model) or tag",
     )
     tag_alpha: float = Field(TAG_ALPHA, ge=0, description="TAG's L1 weight (LAMP's TAG: 0.01)")
-    lr: float | None = Field(
-        None,
-        gt=0,
-        description="Adam step size; None: 0.1 for softmax, 0.01 for embeddings (LAMP cosine)",
+    lr: float = Field(
+        0.1, gt=0, description="Adam step size (LAMP's tuned TAG: 0.1; LAMP cosine: 0.01)"
     )
     lr_final: float = Field(
-        0.01,
+        1.0,
         gt=0,
         le=1,
         description="the step size at the end of a run as a share of lr, reached exponentially "
-        "(LAMP: 0.89 every 50 of 2000 steps, about 0.01)",
+        "(LAMP's TAG: 1, constant; LAMP cosine: 0.89 every 50 of 2000 steps, about 0.01)",
     )
     reg_weight: float = Field(
         1.0,
@@ -661,11 +694,11 @@ class TextInversionParams(BaseModel):
         "norm)^2 regulariser (LAMP cosine: 1)",
     )
     prior_weight: float = Field(
-        0.002,
+        0.2,
         ge=0,
-        description="weight of the language model's mean negative log-likelihood per token in "
-        "the discrete steps (LAMP cosine, on BERT's gradients and GPT-2: 0.2); 0 disables the "
-        "prior",
+        description="weight of the language model's mean negative log-likelihood per token "
+        "against the log gradient distance when ranking discrete candidates (ranking_cost; "
+        "LAMP cosine: 0.2 against the distance itself); 0 disables the prior",
     )
     lm_order: int = Field(3, ge=1, le=5, description="n of the n-gram prior")
     discrete_every: int = Field(
@@ -848,7 +881,14 @@ class TextInversionAttack(Reconstructs):
         prior = self._prior(obs, schema, details)
         attacker = attacker_model(model, obs)
         matcher = token_matcher(
-            attacker, grads, token_key, allowed, labels, loss=p.loss, alpha=p.tag_alpha
+            attacker,
+            grads,
+            token_key,
+            allowed,
+            labels,
+            loss=p.loss,
+            alpha=p.tag_alpha,
+            rank_loss=p.rank_loss,
         )
         search = BestSoFar(
             started=started,
@@ -981,6 +1021,7 @@ def token_matcher(
     *,
     loss: MatchLoss = "cosine",
     alpha: float = TAG_ALPHA,
+    rank_loss: MatchLoss = "cosine",
 ) -> TokenMatcher:
     """The `TokenMatcher` of an attacker's model copy against the observed gradient `grads`
     (only the parameters present in `grads`, those the client sent, are compared)."""
@@ -996,6 +1037,7 @@ def token_matcher(
         table_target=grads[token_key][allowed].detach() if token_key in grads else None,
         loss=loss,
         alpha=alpha,
+        rank_loss=rank_loss,
     )
 
 
@@ -1023,14 +1065,26 @@ class _Search:
     best_distance: float = math.inf
     last: tuple[bytes, float, float] = (b"", math.inf, math.inf)
 
-    def cost(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Gradient distance plus the prior's weighted mean NLL per token, (K,)."""
-        costs = self.matcher.distances(tokens, lengths)
+    @property
+    def floor(self) -> float:
+        """The distance below which a discrete candidate explains the update."""
+        if self.matcher.rank_loss == "cosine":
+            return CONVERGED
+        return CONVERGED * float(sum(t.pow(2).sum() for t in self.matcher.target))
+
+    def evaluate(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The ranking cost (`ranking_cost`) and the gradient distance of K candidates."""
+        distances = self.matcher.distances(tokens, lengths)
+        nll = None
         if self.prior is not None:
             k, n, width = tokens.shape
             nll = self.prior.nll(in_use(tokens, lengths, self.pad_id).view(k * n, width))
-            costs = costs + self.params.prior_weight * nll.view(k, n).mean(dim=1)
-        return costs
+            nll = nll.view(k, n).mean(dim=1)
+        return ranking_cost(distances, nll, self.params.prior_weight, floor=self.floor), distances
+
+    def cost(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """The ranking cost of K candidates, (K,)."""
+        return self.evaluate(tokens, lengths)[0]
 
     def offer(self, state: _State, *, final: bool = False) -> bool:
         """Score a candidate and record it; True when it explains the update."""
@@ -1039,22 +1093,12 @@ class _Search:
         if key == self.last[0]:  # the projection did not change: no need to score it again
             distance, cost = self.last[1], self.last[2]
         else:
-            distance = float(self.matcher.distances(state.tokens[None], state.lengths[None])[0])
-            cost = distance
-            if self.prior is not None:
-                nll = self.prior.nll(in_use(state.tokens, state.lengths, self.pad_id))
-                cost += self.params.prior_weight * float(nll.mean())
+            costs, distances = self.evaluate(state.tokens[None], state.lengths[None])
+            cost, distance = float(costs[0]), float(distances[0])
             self.last = (key, distance, cost)
         self.search.offer(packed, cost, final=final)
         self.best_distance = min(self.best_distance, distance)
-        return self.explained(distance)
-
-    def explained(self, distance: float) -> bool:
-        """Whether a gradient distance means the candidate reproduces the update."""
-        if self.params.loss == "cosine":
-            return distance < CONVERGED
-        scale = float(sum(t.pow(2).sum() for t in self.matcher.target))
-        return distance < CONVERGED * scale
+        return distance < self.floor
 
     def best(self) -> _State:
         packed, _ = self.search.best()
@@ -1100,7 +1144,7 @@ class _Search:
         lengths = start.lengths.clone() if start is not None else torch.full((count,), self.length)
         if self.offer(_State(relax.project(), lengths)):
             return 0, True
-        lr = p.lr if p.lr is not None else DEFAULT_LR[p.relaxation]
+        lr = p.lr
         optimiser = torch.optim.Adam([relax.variable], lr=lr)
         first_discrete = max(1, int(p.discrete_burnin * p.iterations))
         keep = torch.arange(self.length) < lengths.unsqueeze(1)
