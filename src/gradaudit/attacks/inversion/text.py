@@ -1002,14 +1002,14 @@ class TextInversionAttack(Reconstructs):
         if count != 1 or position_key is None or token_key not in grads:
             details["init"] = "random (positions needs one sequence and both embedding gradients)"
             return None
-        owner, residual = position_assignment(
-            grads[token_key][allowed], grads[position_key][:length]
-        )
-        if owner is None:
-            details["init"] = f"random (no exact position assignment; residual {residual:.3g})"
+        found = position_assignment(grads[token_key][allowed], grads[position_key][:length])
+        if found.owner is None:
+            details["init"] = (
+                f"random (no exact position assignment; residual {found.residual:.3g})"
+            )
             return None
-        details["init"] = f"positions (assignment residual {residual:.3g})"
-        return _State(allowed[owner].unsqueeze(0), torch.tensor([length]))
+        details["init"] = f"positions (assignment residual {found.residual:.3g})"
+        return _State(allowed[found.owner].unsqueeze(0), torch.tensor([length]))
 
 
 def token_matcher(
