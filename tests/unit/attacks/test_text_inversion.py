@@ -97,7 +97,7 @@ def test_one_sentence_is_recovered_exactly_by_gradient_matching(model) -> None:
 
 def test_two_sentences_without_a_prior(model) -> None:
     obs = observe(model, [0, 1], [1, 1], knows=("architecture", "labels"))
-    result = run(model, obs)
+    result = run(model, obs, iterations=200)
     truth = encode([SENTENCES[0], SENTENCES[1]]).long()
     metrics, _ = score_texts(result.reconstruction.tokens, truth, SCHEMA)
     assert metrics["rouge1"] >= 0.9
@@ -111,6 +111,14 @@ def test_recovers_the_label_when_it_is_not_granted(model) -> None:
     assert result.details["labels"] == "recovered (idlg)"
     assert result.reconstruction.labels.tolist() == [2]
     assert torch.equal(result.reconstruction.tokens, encode([SENTENCES[3]]).long())
+
+
+def test_length_search_finds_a_shorter_sentence(model) -> None:
+    obs = observe(model, [3, 4], [2, 0])  # 4 and 8 tokens: the gradient shows only the 8
+    result = run(model, obs, length_search=True, iterations=200)
+    assert result.details["explains_update"] is True
+    assert result.details["lengths"] == [4, 8]
+    assert result.details["sentences"] == [SENTENCES[3], SENTENCES[4]]
 
 
 def test_positions_start_gives_one_sequence_at_once(model) -> None:
