@@ -1,9 +1,10 @@
 """text_inversion on MedQuAD: a transformer at initialisation, FedSGD, 1 x 16 and 4 x 16 tokens.
 
-Each trial draws a batch of training sequences (question + start of the answer, 16 tokens),
-takes the client's exact FedSGD gradient of the freshly initialised model (`observe_batch`),
-grants the labels, the architecture and the held-out test split as public text (the prior's
-corpus), and attacks it with each method; the reconstruction is scored by
+Each trial draws a batch of training sequences (MedQuAD: question + start of the answer, 16
+tokens; ``--dataset mtsamples``: the first 32 tokens of a clinical note), takes the client's
+exact FedSGD gradient of the freshly initialised model (`observe_batch`), grants the labels,
+the architecture and the held-out test split as public text (the prior's corpus), and attacks
+it with each method; the reconstruction is scored by
 `metrics.text.score_texts` (sentences matched by ROUGE-1). Methods:
 
 * ``text_inversion``: the attack's defaults (for one sequence it starts from the order the
@@ -19,6 +20,7 @@ Prints JSON (per method and batch size: mean and standard deviation of each metr
 seconds, and the share of batches recovered exactly).
 
     OMP_NUM_THREADS=1 python bench/text_inversion.py --batches 1 4 --trials 5
+    OMP_NUM_THREADS=1 python bench/text_inversion.py --dataset mtsamples --batches 1 4
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--trials", type=int, default=5, help="batches attacked per batch size")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--dataset", default="medquad", choices=["medquad", "mtsamples"])
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("--show", action="store_true", help="include the decoded sentences")
     args = parser.parse_args()
 
-    dataset = load_dataset("medquad", data_dir())
+    dataset = load_dataset(args.dataset, data_dir())
     schema = dataset.info.text
     assert schema is not None
     arch = {"dim": args.dim, "heads": args.heads, "layers": args.layers, "ff": args.ff}
@@ -151,7 +154,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "case": "medquad-text-inversion",
+                "case": f"{args.dataset}-text-inversion",
                 "model": {"kind": "transformer", **arch},
                 "setting": "FedSGD gradient at initialisation; labels, architecture and the "
                 "test split (public text for the prior) granted",
