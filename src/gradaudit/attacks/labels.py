@@ -90,16 +90,37 @@ def llg_label_counts(
 
 
 def dummy_inputs(task: TaskInfo, count: int, rng: torch.Generator) -> Tensor:
-    """Inputs an adversary can make without data: uniform pixels, or standard-normal rows."""
+    """Inputs an adversary can make without data, laid out as the task lays out ``x``.
+
+    Uniform pixels for images; for rows, standard-normal numeric fields and uniform codes; for
+    text (alone or after the fields of a multimodal row), sentences of uniform random tokens
+    (never padding or the unknown word) with uniform random lengths, right-padded. Token ids
+    must stay valid ids: a random float in a token column would index past the embedding table.
+    """
     if task.modality == "image" and task.normalization is not None:
         pixels = torch.rand((count, *task.input_shape), generator=rng)
         return task.normalization.normalize(pixels)
-    x = torch.randn((count, *task.input_shape), generator=rng)
+    if task.text is None:
+        x = torch.randn((count, *task.input_shape), generator=rng)
+        if task.tabular is not None:
+            first_cat = len(task.tabular.numeric)
+            for j, card in enumerate(task.tabular.cardinalities):
+                x[:, first_cat + j] = torch.randint(card, (count,), generator=rng).float()
+        return x
+    parts: list[Tensor] = []
     if task.tabular is not None:
-        first_cat = len(task.tabular.numeric)
-        for j, card in enumerate(task.tabular.cardinalities):
-            x[:, first_cat + j] = torch.randint(card, (count,), generator=rng).float()
-    return x
+        parts.append(torch.randn((count, len(task.tabular.numeric)), generator=rng))
+        parts += [
+            torch.randint(card, (count, 1), generator=rng).float()
+            for card in task.tabular.cardinalities
+        ]
+    text = task.text
+    first_word = max(text.pad_id, text.unk_id) + 1
+    tokens = torch.randint(first_word, text.vocab_size, (count, text.max_length), generator=rng)
+    lengths = torch.randint(1, text.max_length + 1, (count,), generator=rng)
+    padded = torch.arange(text.max_length) >= lengths.unsqueeze(1)
+    parts.append(tokens.masked_fill(padded, text.pad_id).float())
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from gradaudit.attacks.labels import (
     LabelRecoveryAttack,
     LabelRecoveryParams,
     bias_label_counts,
+    dummy_inputs,
     idlg_label,
     llg_label_counts,
 )
@@ -18,6 +19,7 @@ from gradaudit.metrics import label_accuracy
 from gradaudit.models import build_model
 from gradaudit.seeding import torch_generator
 from gradaudit.threat import observe_batch
+from gradaudit.types import TabularSchema, TaskInfo, TextSchema
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,41 @@ def test_client_mode_auto_follows_granted_hyperparameters(digits) -> None:
     assert client_trains_batchnorm(frozen, "auto") is False
     assert client_trains_batchnorm(hidden, "auto") is True  # not granted: assume training mode
     assert client_trains_batchnorm(hidden, "eval") is False
+
+
+TEXT = TextSchema(("<pad>", "<unk>", *(f"w{i}" for i in range(38))), max_length=12)
+TABULAR = TabularSchema(("age",), ("sex",), (2,), (("f", "m"),))
+TEXT_TASKS = {
+    "transformer": TaskInfo("toy-text", "text", (12,), 3, None, ("a", "b", "c"), text=TEXT),
+    "fusion": TaskInfo(
+        "toy-notes", "multimodal", (14,), 3, None, ("a", "b", "c"), tabular=TABULAR, text=TEXT
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["transformer", "fusion"])
+def test_dummy_inputs_are_valid_token_rows(kind) -> None:
+    task = TEXT_TASKS[kind]
+    x = dummy_inputs(task, 64, torch.Generator().manual_seed(0))
+    tokens = x[:, -TEXT.max_length :]
+    assert x.shape == (64, *task.input_shape)
+    assert torch.equal(tokens, tokens.round())
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < TEXT.vocab_size
+    assert bool((tokens[:, 0] >= 2).all())  # never empty, never starts with padding or <unk>
+    padded = tokens == TEXT.pad_id
+    assert bool((padded[:, :-1] <= padded[:, 1:]).all())  # right-padded
+
+
+@pytest.mark.parametrize("kind", ["transformer", "fusion"])
+def test_counts_on_text_and_multimodal_batches(kind) -> None:
+    """Batch > 1 on a token model: the softmax estimate runs on valid token ids (it used to
+    index past the embedding table with random floats) and the bias counts are exact."""
+    task = TEXT_TASKS[kind]
+    model = build_model(kind, {}, task, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x = dummy_inputs(task, 6, g)
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    obs = observe_batch(model, x, y, task)
+    result = _attack("bias").run(obs, model, rng=torch_generator(0, "a"))
+    assert result.status == "ok"
+    assert sorted(result.reconstruction.labels.tolist()) == y.tolist()

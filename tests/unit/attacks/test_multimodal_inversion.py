@@ -14,9 +14,9 @@ from gradaudit.attacks.inversion.multimodal import (
     MultimodalInversionParams,
     joined,
     matching_blocks,
-    multimodal_dummy_inputs,
     sequence_lengths,
 )
+from gradaudit.attacks.labels import dummy_inputs
 from gradaudit.models import build_model
 from gradaudit.threat import observe_batch
 from gradaudit.types import ClientUpdate, TabularSchema, TaskInfo, TextSchema
@@ -141,7 +141,7 @@ def test_batch_two_without_labels_recovers_the_labels_and_most_of_the_records() 
 
 
 def test_dummy_inputs_are_valid_records() -> None:
-    x = multimodal_dummy_inputs(TASK, 64, torch.Generator().manual_seed(0))
+    x = dummy_inputs(TASK, 64, torch.Generator().manual_seed(0))
     assert x.shape == (64, 11)
     tokens = x[:, 3:].long()
     assert int(tokens.min()) >= 0 and int(tokens.max()) < TEXT.vocab_size

@@ -80,6 +80,7 @@ from gradaudit.attacks.inversion.tokens import position_assignment
 from gradaudit.attacks.labels import (
     LabelMethod,
     bias_label_counts,
+    dummy_inputs,
     labels_for_inversion,
     unknown_labels_reason,
 )
@@ -91,7 +92,6 @@ from gradaudit.types import (
     Observation,
     Reconstruction,
     TabularSchema,
-    TaskInfo,
     TextSchema,
 )
 
@@ -413,18 +413,6 @@ def numeric_polish(
     return best_rows.clone()
 
 
-def multimodal_dummy_inputs(task: TaskInfo, count: int, rng: torch.Generator) -> Tensor:
-    """Rows an adversary can make without data: standard-normal numeric fields, uniform codes,
-    and notes of uniform random tokens (never padding) and random lengths."""
-    assert task.tabular is not None and task.text is not None
-    schema, text = task.tabular, task.text
-    numeric = torch.randn((count, len(schema.numeric)), generator=rng)
-    codes = [torch.randint(c, (count, 1), generator=rng).float() for c in schema.cardinalities]
-    tokens = torch.randint(2, text.vocab_size, (count, text.max_length), generator=rng)
-    lengths = torch.randint(1, text.max_length + 1, (count,), generator=rng)
-    return torch.cat([numeric, *codes, in_use(tokens, lengths, text.pad_id).float()], dim=1)
-
-
 # --------------------------------------------------------------------------- the attack
 
 
@@ -649,7 +637,7 @@ class MultimodalInversionAttack(Reconstructs):
         if bias_key is None:
             raise ValueError("the fusion head has no bias")
         with torch.no_grad():
-            dummies = multimodal_dummy_inputs(obs.task, 256, rng)
+            dummies = dummy_inputs(obs.task, 256, rng)
             probs = torch.softmax(model(dummies), dim=1).mean(dim=0)
         counts = bias_label_counts(grads[bias_key], probs, count)
         labels = torch.repeat_interleave(torch.arange(counts.size), torch.as_tensor(counts))
@@ -923,7 +911,6 @@ __all__ = [
     "code_moves",
     "joined",
     "matching_blocks",
-    "multimodal_dummy_inputs",
     "numeric_polish",
     "sequence_lengths",
 ]
