@@ -37,7 +37,14 @@ MODEL = {"tabular_hidden": [32], "embedding_dim": 4, "dim": 32, "heads": 2, "lay
 """The scenario's fusion model (the other sizes at their defaults)."""
 
 FIELD_KEYS = ("feature_accuracy", "categorical_accuracy", "numeric_accuracy", "rows_exact")
-TEXT_KEYS = ("rouge1", "rouge2", "rougeL", "token_accuracy", "token_recall")
+TEXT_KEYS = (
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "token_accuracy",
+    "token_recall",
+    "token_count_accuracy",
+)
 KNOWS = ("architecture", "labels", "batch_size", "public_data")
 
 

@@ -69,7 +69,15 @@ METHODS: dict[str, dict[str, object]] = {
     },
 }
 
-METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "token_accuracy", "token_recall")
+METRICS = (
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "bleu",
+    "token_accuracy",
+    "token_recall",
+    "token_count_accuracy",
+)
 
 
 def _summary(values: list[float]) -> dict[str, float]:

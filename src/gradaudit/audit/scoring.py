@@ -73,8 +73,10 @@ def score_inputs(
     columns, then its tokens), so a joint inversion gets per-modality metrics: rows by
     `metrics.tabular.score_rows` (TabLeak's feature accuracy, beside the random baseline drawn
     from `reference`, the held-out split), sentences by `metrics.text.score_texts` (ROUGE,
-    BLEU), bags by `metrics.bag.bag_metrics` (recall and precision of tokens or codes; when an
-    attack returns both sentences and a bag, the bag's token metrics are the ones reported).
+    BLEU, and the sentences' bag of words), bags by `metrics.bag.bag_metrics` (recall and
+    precision of distinct tokens or codes, count accuracy over multisets). Both use the same
+    definitions; when an attack returns sentences and a separate bag, the bag's token metrics
+    are the ones reported (the bag is the attack's claim of which words were present).
 
     Args:
         rec: what the attack recovered.

@@ -17,6 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from gradaudit.metrics.bag import bag_metrics
 from gradaudit.types import TextSchema
 
 BLEU_EPSILON = 0.1
@@ -241,8 +242,10 @@ def score_texts(
     * ``rouge1``, ``rouge2``, ``rougeL``: the mean over sentences of the F1 scores
       (:func:`rouge_n`, :func:`rouge_l`);
     * ``bleu``: corpus BLEU-4 of the matched pairs, NLTK ``method1`` smoothing (:func:`bleu`);
-    * ``token_recall``: the share of the true (non-padding) tokens recovered, as multisets over
-      the whole batch (order and sentence ignored);
+    * ``token_recall``, ``token_precision``, ``token_count_accuracy``: the batch's bag of words
+      against the true one (:func:`gradaudit.metrics.bag.bag_metrics`: recall and precision over
+      distinct tokens, count accuracy over multisets; order and sentence ignored), so a
+      sentence attack and a bag-of-words attack report the same quantity under one name;
     * ``token_accuracy``: the share of true non-padding positions whose id the matched
       reconstruction has at the same position (breaching's token accuracy, padding excluded).
 
@@ -279,16 +282,16 @@ def score_texts(
     width = min(true_ids.shape[1], rec_ids.shape[1])
     real = true_ids != pad
     hits = (rec_ids[:, :width] == true_ids[:, :width]) & real[:, :width]
-    true_bag = Counter(t for sentence in truth for t in sentence)
-    got_bag = Counter(t for sentence in rec for t in sentence)
     metrics = {
         "rouge1": sum(rouge_n(r, t, 1) for r, t in zip(matched, truth, strict=True)) / n,
         "rouge2": sum(rouge_n(r, t, 2) for r, t in zip(matched, truth, strict=True)) / n,
         "rougeL": sum(rouge_l(r, t) for r, t in zip(matched, truth, strict=True)) / n,
         "bleu": bleu(matched, [[t] for t in truth]),
-        "token_recall": sum((true_bag & got_bag).values()) / max(1, true_bag.total()),
         "token_accuracy": int(hits.sum()) / max(1, int(real.sum())),
     }
+    if bool(real.any()):
+        all_rec = rec_tokens.long()
+        metrics.update(bag_metrics(all_rec[all_rec != pad], true_ids[real], item="token"))
     return metrics, perm
 
 

@@ -140,7 +140,7 @@ def test_score_texts_is_invariant_to_the_batch_order_and_perfect_on_the_truth() 
     assert metrics2 == metrics
 
 
-def test_score_texts_ignores_padding_and_counts_tokens_as_multisets() -> None:
+def test_score_texts_ignores_padding_and_scores_the_bag_like_bag_metrics() -> None:
     truth = torch.tensor([[2, 3, 4, 5, 0, 0]])
     # same tokens, one pair swapped, and padding inside the sequence (ignored by ROUGE/BLEU)
     rec = torch.tensor([[2, 0, 4, 3, 5, 0]])
@@ -153,9 +153,15 @@ def test_score_texts_ignores_padding_and_counts_tokens_as_multisets() -> None:
     assert metrics["rouge2"] == 0.0
     # LCS of 2 4 3 5 and 2 3 4 5 is 3
     assert metrics["rougeL"] == pytest.approx(0.75)
-    # a repeated token is recovered once only as often as it occurs in the truth
+    # token recall and precision count distinct tokens; count accuracy counts repeats only as
+    # often as they occur in the truth (the definitions of metrics.bag.bag_metrics)
     metrics, _ = score_texts(torch.tensor([[2, 2, 2, 2, 0, 0]]), truth, SCHEMA)
     assert metrics["token_recall"] == pytest.approx(0.25)
+    assert metrics["token_precision"] == pytest.approx(1.0)
+    assert metrics["token_count_accuracy"] == pytest.approx(0.25)
+    metrics, _ = score_texts(torch.tensor([[2, 3, 0]]), torch.tensor([[2, 2, 3]]), SCHEMA)
+    assert metrics["token_recall"] == metrics["token_precision"] == pytest.approx(1.0)
+    assert metrics["token_count_accuracy"] == pytest.approx(2 / 3)
     # nothing recovered
     metrics, _ = score_texts(torch.zeros(1, 6, dtype=torch.long), truth, SCHEMA)
     assert metrics == {k: 0.0 for k in metrics}
