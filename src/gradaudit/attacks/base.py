@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gradaudit.models import classifier_keys
-from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction
+from gradaudit.types import AttackResult, ClientUpdate, Observation, Reconstruction, TaskInfo
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(done, total)`` during long attacks."""
@@ -50,10 +50,23 @@ class Attack(Protocol):
 
 
 class Reconstructs:
-    """Base of the attacks that reconstruct the target's examples (they answer no question)."""
+    """Base of the attacks that reconstruct the target's examples (they answer no question).
 
+    A subclass states its preconditions once, in `_update` (by default those of
+    :func:`checked_update`); `applicable` and the subclass's `run` both read them from there.
+    """
+
+    name: ClassVar[str]
     question: ClassVar[Question | None] = None
     needs_history: ClassVar[bool] = False
+
+    def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        """The target's update if this attack can run on `obs`, else the reason."""
+        return checked_update(obs, attack=self.name)
+
+    def applicable(self, obs: Observation) -> str | None:
+        """None when the attack can run on `obs`, else the reason it cannot."""
+        return self._update(obs)[1]
 
 
 class Infers(abc.ABC):
@@ -119,13 +132,48 @@ def target_update(obs: Observation) -> tuple[ClientUpdate | None, str | None]:
     return None, f"client {obs.target_client} sent no update in round {obs.round}"
 
 
+RECONSTRUCTED: dict[str, str] = {
+    "image": "images",
+    "tabular": "tabular rows",
+    "text": "token sequences",
+    "multimodal": "records with fields and a note",
+}
+"""What an attack that needs a modality reconstructs, in its refusal."""
+
+
+def has_modality(task: TaskInfo, modality: str) -> bool:
+    """Whether `task`'s inputs are of `modality`, with the schema an attack on it reads.
+
+    Example:
+        >>> from gradaudit.types import TextSchema
+        >>> task = TaskInfo("t", "text", (4,), 2, None, ("a", "b"), text=TextSchema(("<pad>",), 4))
+        >>> has_modality(task, "text"), has_modality(task, "multimodal")
+        (True, False)
+    """
+    if modality == "image":
+        return task.modality == "image" and task.normalization is not None
+    if modality == "tabular":
+        return task.modality == "tabular" and task.tabular is not None
+    if modality == "text":
+        return task.modality == "text" and task.text is not None
+    if modality == "multimodal":
+        return task.tabular is not None and task.text is not None
+    raise ValueError(f"unknown modality {modality!r}; use one of {sorted(RECONSTRUCTED)}")
+
+
 def checked_update(
-    obs: Observation, *, attack: str, images: bool = False, max_images: int | None = None
+    obs: Observation,
+    *,
+    attack: str,
+    modality: str | None = None,
+    limit: tuple[str, int] | None = None,
 ) -> tuple[ClientUpdate | None, str | None]:
     """The target's update if the preconditions shared by attacks hold, else the reason.
 
-    Every attack on one client's update needs that update and the architecture; image attacks
-    also need an image task, and at most `max_images` examples behind the update.
+    Every attack on one client's update needs that update and the architecture. An attack that
+    reconstructs inputs of one `modality` (a key of `RECONSTRUCTED`) also needs a task of that
+    modality; one that scales with the batch refuses more examples than its `limit`, given as
+    the parameter's name and value (``("max_rows", 32)``) so the refusal names the knob.
 
     Returns:
         ``(update, None)``, or ``(None, reason)``.
@@ -133,14 +181,18 @@ def checked_update(
     update, reason = target_update(obs)
     if update is None:
         return None, reason
-    if images and (obs.task.modality != "image" or obs.task.normalization is None):
-        return None, f"{attack} reconstructs images; {obs.task.dataset} is {obs.task.modality}"
+    task = obs.task
+    if modality is not None and not has_modality(task, modality):
+        return (
+            None,
+            f"{attack} reconstructs {RECONSTRUCTED[modality]}; {task.dataset} is {task.modality}",
+        )
     if not obs.side_info.get("architecture"):
         return None, "the adversary does not know the model architecture"
-    if max_images is not None and update.num_examples > max_images:
+    if limit is not None and update.num_examples > limit[1]:
         return None, (
             f"the update was computed on {update.num_examples} examples, more than "
-            f"max_images={max_images}"
+            f"{limit[0]}={limit[1]}"
         )
     return update, None
 

@@ -67,7 +67,7 @@ class AnalyticAttack(Reconstructs):
     def _update(
         self, obs: Observation, model: nn.Module | None = None
     ) -> tuple[ClientUpdate | None, str | None]:
-        update, reason = checked_update(obs, attack=self.name, images=True)
+        update, reason = checked_update(obs, attack=self.name, modality="image")
         if update is None:
             return None, reason
         if update.kind != "gradient":

@@ -141,6 +141,7 @@ class CategoricalCodesAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        """Needs the target's individual update of a model with categorical columns."""
         update, reason = checked_update(obs, attack=self.name)
         if update is None:
             return None, reason
@@ -148,10 +149,6 @@ class CategoricalCodesAttack(Reconstructs):
         if schema is None or not schema.categorical:
             return None, f"{obs.task.dataset} has no categorical columns"
         return update, None
-
-    def applicable(self, obs: Observation) -> str | None:
-        """Needs the target's individual update of a model with categorical columns."""
-        return self._update(obs)[1]
 
     def run(
         self,

@@ -153,11 +153,10 @@ class DLGAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
-        return checked_update(obs, attack=self.name, images=True, max_images=self.params.max_images)
-
-    def applicable(self, obs: Observation) -> str | None:
         """Needs an individual image-model update, the architecture and a small batch."""
-        return self._update(obs)[1]
+        return checked_update(
+            obs, attack=self.name, modality="image", limit=("max_images", self.params.max_images)
+        )
 
     def run(
         self,

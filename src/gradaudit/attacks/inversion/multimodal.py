@@ -521,25 +521,10 @@ class MultimodalInversionAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
-        if obs.task.tabular is None or obs.task.text is None:
-            return None, (
-                f"{self.name} reconstructs records with fields and a note; {obs.task.dataset} "
-                f"is {obs.task.modality}"
-            )
-        update, reason = checked_update(obs, attack=self.name)
-        if update is None:
-            return None, reason
-        if update.num_examples > self.params.max_examples:
-            return None, (
-                f"the update was computed on {update.num_examples} examples, more than "
-                f"max_examples={self.params.max_examples}"
-            )
-        return update, None
-
-    def applicable(self, obs: Observation) -> str | None:
         """Needs a multimodal task, the target's individual update, the architecture and few
         enough examples."""
-        return self._update(obs)[1]
+        limit = ("max_examples", self.params.max_examples)
+        return checked_update(obs, attack=self.name, modality="multimodal", limit=limit)
 
     def run(
         self,

@@ -181,8 +181,9 @@ class PriorInversionAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
+        """Needs an individual image update, the architecture, public data and few examples."""
         update, reason = checked_update(
-            obs, attack=self.name, images=True, max_images=self.params.max_images
+            obs, attack=self.name, modality="image", limit=("max_images", self.params.max_images)
         )
         if update is None:
             return None, reason
@@ -195,10 +196,6 @@ class PriorInversionAttack(Reconstructs):
         if public["x"].shape[0] == 0:
             return None, "the granted public data is empty"
         return update, None
-
-    def applicable(self, obs: Observation) -> str | None:
-        """Needs an individual image update, the architecture, public data and few examples."""
-        return self._update(obs)[1]
 
     def prior(self, obs: Observation) -> TrainedPrior:
         """The generative prior this attack uses on `obs`: cached, else trained on its public data.

@@ -467,22 +467,9 @@ class TabularInversionAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
-        update, reason = checked_update(obs, attack=self.name)
-        if update is None:
-            return None, reason
-        if obs.task.tabular is None or obs.task.modality != "tabular":
-            task = obs.task
-            return None, f"{self.name} reconstructs tabular rows; {task.dataset} is {task.modality}"
-        if update.num_examples > self.params.max_rows:
-            return None, (
-                f"the update was computed on {update.num_examples} examples, more than "
-                f"max_rows={self.params.max_rows}"
-            )
-        return update, None
-
-    def applicable(self, obs: Observation) -> str | None:
         """Needs an individual update of a tabular model, the architecture and few enough rows."""
-        return self._update(obs)[1]
+        limit = ("max_rows", self.params.max_rows)
+        return checked_update(obs, attack=self.name, modality="tabular", limit=limit)
 
     def run(
         self,

@@ -829,18 +829,8 @@ class TextInversionAttack(Reconstructs):
         self.params = params
 
     def _update(self, obs: Observation) -> tuple[ClientUpdate | None, str | None]:
-        if obs.task.text is None or obs.task.modality != "text":
-            return None, (
-                f"{self.name} reconstructs token sequences; {obs.task.dataset} is "
-                f"{obs.task.modality}"
-            )
-        update, reason = checked_update(obs, attack=self.name)
-        if update is not None and update.num_examples > self.params.max_sequences:
-            return None, (
-                f"the update was computed on {update.num_examples} sequences, more than "
-                f"max_sequences={self.params.max_sequences}"
-            )
-        return update, reason
+        limit = ("max_sequences", self.params.max_sequences)
+        return checked_update(obs, attack=self.name, modality="text", limit=limit)
 
     def _target(self, obs: Observation, model: nn.Module) -> tuple[ClientUpdate, str] | str:
         update, reason = self._update(obs)
