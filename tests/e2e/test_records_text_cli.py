@@ -83,3 +83,29 @@ def test_medquad_bag_of_words(tmp_path: Path, shared_data_dir: Path) -> None:
     assert tokens["metrics"]["token_precision"] == 1.0
     (sentence,) = tokens["recovered"]["texts"]
     assert sentence["reconstructed"] == sentence["truth"]  # batch 1: order from positions
+    inverted = next(e for e in data["attacks"] if e["attack"] == "text_inversion")
+    assert inverted["metrics"]["rouge1"] == inverted["metrics"]["rouge2"] == 1.0
+    assert inverted["recovered"]["texts"] == tokens["recovered"]["texts"]
+
+
+@pytest.mark.data
+def test_medquad_four_sentences(tmp_path: Path, shared_data_dir: Path) -> None:
+    """4 x 16 tokens: labels counted from the head (on dummy sentences of valid token ids) and
+    the four sentences reconstructed in order (measured 1.00 ROUGE-1/2 on this update)."""
+    data = audit(
+        tmp_path,
+        REPO / "scenarios" / "medquad-text.yaml",
+        "--data-dir",
+        str(shared_data_dir),
+        "--set",
+        "federation.rounds=1",
+        "--set",
+        "federation.local.batch_size=4",
+    )
+    entries = {e["attack"]: e for e in data["attacks"]}
+    assert entries["label_recovery"]["metrics"]["labels_exact"] == 1.0
+    inverted = entries["text_inversion"]
+    assert inverted["status"] == "ok", inverted["reason"]
+    assert len(inverted["recovered"]["texts"]) == 4
+    assert inverted["metrics"]["rouge1"] >= 0.8
+    assert data["risk"]["level"] == "high"
