@@ -97,3 +97,25 @@ def test_bad_arguments_are_refused() -> None:
         train_ngram_model(CORPUS, 5)
     with pytest.raises(ValueError, match=r"\(N, L\)"):
         train_ngram_model(torch.zeros(0, 4), len(WORDS))
+
+
+def test_bigram_probabilities_equal_chen_and_goodmans_formula_by_hand() -> None:
+    """Interpolated Kneser-Ney (Chen & Goodman 1998, eq. 17 with one discount D = 0.75):
+    P(w | v) = max(c(v w) - D, 0) / c(v) + D N1+(v .) / c(v) * P_cont(w), and
+    P_cont(w) = max(N1+(. w) - D, 0) / N1+(. .) + D |{u: N1+(. u) > 0}| / N1+(. .) * 1 / |V|,
+    with |V| = 6 predictable symbols here (ids 1..5 and the end symbol; padding never)."""
+    # sequences <s> 2 3 4 </s> and <s> 2 3 5 </s>
+    lm = train_ngram_model(torch.tensor([[2, 3, 4, 0], [2, 3, 5, 0]]), 6, order=2)
+    d = 0.75
+    # continuation counts N1+(. w): 2 <- <s>; 3 <- 2; 4 <- 3; 5 <- 3; </s> <- 4, 5 (6 in all,
+    # 5 distinct words)
+    cont = {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, lm.eos: 2}
+    p_cont = {w: max(c - d, 0) / 6 + d * 5 / 6 / 6 for w, c in cont.items()}
+    assert p_cont[4] == pytest.approx(0.875 / 6) and p_cont[lm.eos] == pytest.approx(0.3125)
+    # after 3: c(3) = 2, c(3 4) = c(3 5) = 1, N1+(3 .) = 2
+    by_hand = {w: max(int(w in (4, 5)) - d, 0) / 2 + d * 2 / 2 * p_cont[w] for w in cont}
+    assert by_hand[4] == pytest.approx(0.234375) and by_hand[1] == pytest.approx(0.078125)
+    for w, p in by_hand.items():
+        assert lm.probability(w, [3]) == pytest.approx(p, abs=1e-12), w
+    # an unseen context backs off to the continuation distribution itself
+    assert lm.probability(4, [1]) == pytest.approx(p_cont[4], abs=1e-12)
