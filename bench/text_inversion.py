@@ -21,11 +21,17 @@ seconds, and the share of batches recovered exactly).
 
     OMP_NUM_THREADS=1 python bench/text_inversion.py --batches 1 4 --trials 5
     OMP_NUM_THREADS=1 python bench/text_inversion.py --dataset mtsamples --batches 1 4
+    OMP_NUM_THREADS=1 python bench/text_inversion.py --withhold-token-embedding
+
+``--withhold-token-embedding`` removes the token embedding's gradient from the update (as a
+client that keeps that layer private would), so the attack gets no token set and searches the
+whole vocabulary, as breaching's TAG does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -33,6 +39,7 @@ import torch
 from _common import data_dir, machine
 
 from gradaudit.attacks.inversion.text import TextInversionAttack, TextInversionParams
+from gradaudit.attacks.inversion.tokens import token_embedding_key
 from gradaudit.data import load_dataset
 from gradaudit.metrics.text import score_texts
 from gradaudit.models import build_model
@@ -98,6 +105,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=None, help="budget per attack")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", action="store_true", help="include the decoded sentences")
+    parser.add_argument(
+        "--withhold-token-embedding",
+        action="store_true",
+        help="the client keeps the token embedding's gradient: no token set for the attack",
+    )
     args = parser.parse_args()
 
     dataset = load_dataset(args.dataset, data_dir())
@@ -131,6 +143,11 @@ def main() -> None:
                     knows=("architecture", "labels", "public_data"),
                     public_data=public,
                 )
+                if args.withhold_token_embedding:
+                    key = token_embedding_key(model, schema)
+                    assert key is not None
+                    update = dataclasses.replace(obs.updates[0], withheld=frozenset({key}))
+                    obs = dataclasses.replace(obs, updates=(update,))
                 result = TextInversionAttack(params).run(
                     obs, model, rng=torch_generator(args.seed, "attack", trial)
                 )
@@ -166,6 +183,7 @@ def main() -> None:
                 "model": {"kind": "transformer", **arch},
                 "setting": "FedSGD gradient at initialisation; labels, architecture and the "
                 "test split (public text for the prior) granted",
+                "token_embedding": "withheld" if args.withhold_token_embedding else "sent",
                 "results": results,
                 "machine": machine(),
             },
