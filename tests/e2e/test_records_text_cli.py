@@ -68,16 +68,16 @@ def test_heart_disease_codes_and_rows(tmp_path: Path, shared_data_dir: Path) -> 
     assert data["risk"]["level"] == "high"
 
 
+def medquad(tmp_path: Path, data_dir: Path, *overrides: str) -> dict:
+    """The report of scenarios/medquad-text.yaml, one round, with `--set` overrides."""
+    sets = [arg for value in ("federation.rounds=1", *overrides) for arg in ("--set", value)]
+    scenario = REPO / "scenarios" / "medquad-text.yaml"
+    return audit(tmp_path, scenario, "--data-dir", str(data_dir), *sets)
+
+
 @pytest.mark.data
 def test_medquad_bag_of_words(tmp_path: Path, shared_data_dir: Path) -> None:
-    data = audit(
-        tmp_path,
-        REPO / "scenarios" / "medquad-text.yaml",
-        "--data-dir",
-        str(shared_data_dir),
-        "--set",
-        "federation.rounds=1",
-    )
+    data = medquad(tmp_path, shared_data_dir)
     tokens = next(e for e in data["attacks"] if e["attack"] == "text_tokens")
     assert tokens["metrics"]["token_recall"] == 1.0
     assert tokens["metrics"]["token_precision"] == 1.0
@@ -92,16 +92,7 @@ def test_medquad_bag_of_words(tmp_path: Path, shared_data_dir: Path) -> None:
 def test_medquad_four_sentences(tmp_path: Path, shared_data_dir: Path) -> None:
     """4 x 16 tokens: labels counted from the head (on dummy sentences of valid token ids) and
     the four sentences reconstructed in order (measured 1.00 ROUGE-1/2 on this update)."""
-    data = audit(
-        tmp_path,
-        REPO / "scenarios" / "medquad-text.yaml",
-        "--data-dir",
-        str(shared_data_dir),
-        "--set",
-        "federation.rounds=1",
-        "--set",
-        "federation.local.batch_size=4",
-    )
+    data = medquad(tmp_path, shared_data_dir, "federation.local.batch_size=4")
     entries = {e["attack"]: e for e in data["attacks"]}
     assert entries["label_recovery"]["metrics"]["labels_exact"] == 1.0
     inverted = entries["text_inversion"]
