@@ -23,6 +23,9 @@ seconds, and the share of batches recovered exactly).
     OMP_NUM_THREADS=1 python bench/text_inversion.py --dataset mtsamples --batches 1 4
     OMP_NUM_THREADS=1 python bench/text_inversion.py --withhold-token-embedding
 
+``--train-steps N`` attacks a model trained first (N steps of SGD, batch 8, lr 0.3 on the
+training split: FedSGD's trajectory without the federation) instead of one at initialisation.
+
 ``--withhold-token-embedding`` removes the token embedding's gradient from the update (as a
 client that keeps that layer private would), so the attack gets no token set and searches the
 whole vocabulary, as breaching's TAG does.
@@ -92,6 +95,23 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.mean(values), 4), "std": round(std, 4)}
 
 
+def train(model: torch.nn.Module, dataset, steps: int, *, seed: int) -> float:
+    """`steps` of plain SGD (batch 8, lr 0.3) on the training split; the test accuracy after."""
+    order = torch_generator(seed, "bench-train")
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(dataset.x_train.shape[0], (8,), generator=order)
+        loss = torch.nn.functional.cross_entropy(model(dataset.x_train[idx]), dataset.y_train[idx])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(dataset.x_test).argmax(dim=1)
+    return float((predicted == dataset.y_test).float().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 4])
@@ -106,12 +126,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", action="store_true", help="include the decoded sentences")
     parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a TextInversionParams field in every method (repeatable)",
+    )
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="SGD steps (batch 8, lr 0.3) before the attack"
+    )
+    parser.add_argument(
         "--withhold-token-embedding",
         action="store_true",
         help="the client keeps the token embedding's gradient: no token set for the attack",
     )
     args = parser.parse_args()
 
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.param)}
     dataset = load_dataset(args.dataset, data_dir())
     schema = dataset.info.text
     assert schema is not None
@@ -119,6 +150,7 @@ def main() -> None:
     model = build_model(
         "transformer", arch, dataset.info, generator=torch_generator(args.seed, "model")
     )
+    accuracy = train(model, dataset, args.train_steps, seed=args.seed)
     public = (dataset.x_test, dataset.y_test)
     results = []
     for batch in args.batches:
@@ -129,7 +161,12 @@ def main() -> None:
         ]
         for method in args.methods:
             params = TextInversionParams(
-                **{**METHODS[method], "max_seconds": args.max_seconds, "max_sequences": batch}
+                **{
+                    **METHODS[method],
+                    **overrides,
+                    "max_seconds": args.max_seconds,
+                    "max_sequences": batch,
+                }
             )
             rows: list[dict[str, float]] = []
             seconds, exact, shown = [], [], []
@@ -171,7 +208,11 @@ def main() -> None:
                 **{m: _summary([r[m] for r in rows]) for m in METRICS},
                 "exact": round(statistics.mean(exact), 4),
                 "seconds": _summary(seconds),
-                "params": {k: v for k, v in params.model_dump().items() if k in METHODS[method]},
+                "params": {
+                    k: v
+                    for k, v in params.model_dump().items()
+                    if k in METHODS[method] or k in overrides
+                },
             }
             if args.show:
                 entry["sentences"] = shown
@@ -184,6 +225,8 @@ def main() -> None:
                 "setting": "FedSGD gradient at initialisation; labels, architecture and the "
                 "test split (public text for the prior) granted",
                 "token_embedding": "withheld" if args.withhold_token_embedding else "sent",
+                "train_steps": args.train_steps,
+                "test_accuracy": round(accuracy, 4),
                 "results": results,
                 "machine": machine(),
             },

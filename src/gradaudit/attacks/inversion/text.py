@@ -325,6 +325,26 @@ def ranking_cost(
     return costs
 
 
+def missing_share(tokens: Tensor, lengths: Tensor, allowed: Tensor) -> Tensor:
+    """For each of K candidate batches, the share of the `allowed` ids it never uses.
+
+    Args:
+        tokens: (K, N, L) ids.
+        lengths: (K, N) sentence lengths (positions at or after them do not count).
+        allowed: (A,) the ids the update shows present.
+
+    Example:
+        >>> share = missing_share(torch.tensor([[[5, 6, 5]], [[5, 7, 6]]]),
+        ...                       torch.tensor([[3], [2]]), torch.tensor([5, 6, 7]))
+        >>> [round(v, 4) for v in share.tolist()]  # 7 unused; 6 past the second's length
+        [0.3333, 0.3333]
+    """
+    k = tokens.shape[0]
+    keep = (torch.arange(tokens.shape[-1]) < lengths.unsqueeze(-1)).reshape(k, -1, 1)
+    hit = (tokens.reshape(k, -1, 1) == allowed) & keep
+    return 1.0 - hit.any(dim=1).to(torch.float64).mean(dim=1)
+
+
 def in_use(tokens: Tensor, lengths: Tensor, pad_id: int) -> Tensor:
     """`tokens` with every position at or after its sentence's length set to `pad_id`.
 
@@ -719,6 +739,13 @@ class TextInversionParams(BaseModel):
         "against the log gradient distance when ranking discrete candidates (ranking_cost; "
         "LAMP cosine: 0.2 against the distance itself); 0 disables the prior",
     )
+    coverage_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the share of the update's words a candidate leaves out, against "
+        "the log gradient distance when ranking discrete candidates (every word whose "
+        "embedding row has a gradient occurs somewhere in the batch); 0 disables it",
+    )
     lm_order: int = Field(3, ge=1, le=5, description="n of the n-gram prior")
     discrete_every: int = Field(
         75, ge=1, description="continuous steps between discrete steps (LAMP: 75)"
@@ -801,7 +828,9 @@ class TextInversionAttack(Reconstructs):
     Discrete candidates are ranked by their full gradient distance (`rank_loss`, cosine by
     default, token-embedding rows included: a discrete candidate defines them) combined with
     the prior (`ranking_cost`: LAMP's distance + weight·NLL, taken in log space so the weight
-    is scale-free and a fluent sentence never beats one that reproduces the update). The best
+    is scale-free and a fluent sentence never beats one that reproduces the update), and, with
+    ``coverage_weight`` (ours, off by default), by the share of the update's words a candidate
+    leaves out (`missing_share`: each of them occurs somewhere in the batch). The best
     candidate ever scored is returned; one whose distance is below `CONVERGED` explains the
     update and ends the search. Each sentence's confidence is the leave-one-out cosine of its
     gradient with the update (`sentence_confidence`).
@@ -1094,7 +1123,11 @@ class _Search:
             k, n, width = tokens.shape
             nll = self.prior.nll(in_use(tokens, lengths, self.pad_id).view(k * n, width))
             nll = nll.view(k, n).mean(dim=1)
-        return ranking_cost(distances, nll, self.params.prior_weight, floor=self.floor), distances
+        costs = ranking_cost(distances, nll, self.params.prior_weight, floor=self.floor)
+        if self.params.coverage_weight and self.matcher.table_target is not None:
+            missing = missing_share(tokens, lengths, self.matcher.allowed)
+            costs = costs * torch.exp(self.params.coverage_weight * missing)
+        return costs, distances
 
     def cost(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """The ranking cost of K candidates, (K,)."""
