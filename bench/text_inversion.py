@@ -28,7 +28,7 @@ training split: FedSGD's trajectory without the federation) instead of one at in
 
 ``--withhold-token-embedding`` removes the token embedding's gradient from the update (as a
 client that keeps that layer private would), so the attack gets no token set and searches the
-whole vocabulary, as breaching's TAG does.
+whole vocabulary (breaching's TAG reads the token set off that gradient when it has it).
 """
 
 from __future__ import annotations
