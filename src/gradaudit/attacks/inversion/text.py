@@ -946,7 +946,8 @@ class TextInversionAttack(Reconstructs):
         state = problem.run(first, count, rng, started, deadline, details)
         out = torch.full((count, schema.max_length), schema.pad_id, dtype=torch.long)
         out[:, :length] = in_use(state.tokens, state.lengths, schema.pad_id)
-        distance = float(matcher.distances(state.tokens[None], state.lengths[None])[0])
+        # a cosine distance can come out a few ulps below zero; report it as the 0 it is
+        distance = max(0.0, float(matcher.distances(state.tokens[None], state.lengths[None])[0]))
         details.update(
             {
                 "sentences": [schema.decode(row) for row in out],
