@@ -55,8 +55,11 @@ SHOWN_METRICS = (
     ("gain", "{:+.2f}", "gain"),
     ("feature_accuracy", "{:.2f}", "feature acc."),
     ("rouge1", "{:.2f}", "ROUGE-1"),
+    ("rouge2", "{:.2f}", "ROUGE-2"),
     ("token_recall", "{:.2f}", "token recall"),
+    ("token_precision", "{:.2f}", "token precision"),
     ("code_recall", "{:.2f}", "code recall"),
+    ("code_precision", "{:.2f}", "code precision"),
 )
 """The attack metrics a sweep's table shows: key, format, column label."""
 SUMMARY_METRICS = tuple(key for key, _, _ in SHOWN_METRICS)
