@@ -28,6 +28,10 @@ TEXT_HIGH_ROUGE1 = 0.8
 TEXT_MEDIUM_ROUGE1 = 0.5
 BAG_HIGH = 0.9
 """Recall and precision at which the bag of tokens or codes discloses what the batch held."""
+BAG_MEDIUM_F1 = 0.25
+"""F1 of recall and precision from which a bag with half the true items discloses part of what
+the batch held: a bag that names the whole vocabulary (noise keeps every embedding row) has
+recall 1 and chance precision, and tells nothing."""
 INPUT_METRICS = ("feature_accuracy", "rouge1", "token_recall", "code_recall")
 """Metrics of reconstructed rows, text and bags (`_input_findings`)."""
 
@@ -154,12 +158,15 @@ def _input_findings(item: Mapping[str, Any], where: str, findings: list[str]) ->
         if recall is None or precision is None or "rouge1" in m:
             continue
         numbers = f"recall {recall:.0%}, precision {precision:.0%}"
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
         if recall >= BAG_HIGH and precision >= BAG_HIGH:
             level = max(level, 2)
             findings.append(f"{name} disclosed which {what} {where}'s data contained ({numbers}).")
-        elif recall >= TEXT_MEDIUM_ROUGE1:
+        elif recall >= TEXT_MEDIUM_ROUGE1 and f1 >= BAG_MEDIUM_F1:
             level = max(level, 1)
             findings.append(f"{name} disclosed part of the {what} in {where}'s data ({numbers}).")
         else:
-            findings.append(f"{name} recovered few of the {what} in {where}'s data ({numbers}).")
+            findings.append(
+                f"{name} could not tell which {what} were in {where}'s data ({numbers})."
+            )
     return level

@@ -131,6 +131,7 @@ def test_score_inputs_refuses_rows_of_a_task_without_a_schema() -> None:
         ({"rouge1": 0.3, "rouge2": 0.0, "token_recall": 0.3, "token_precision": 0.3}, "low"),
         ({"token_recall": 1.0, "token_precision": 1.0}, "high"),
         ({"token_recall": 0.6, "token_precision": 0.2}, "medium"),
+        ({"token_recall": 1.0, "token_precision": 0.01}, "low"),  # the whole vocabulary
         ({"code_recall": 0.2, "code_precision": 1.0}, "low"),
     ],
 )
