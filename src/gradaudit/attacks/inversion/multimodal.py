@@ -79,12 +79,9 @@ from gradaudit.attacks.inversion.text import (
 from gradaudit.attacks.inversion.tokens import position_assignment
 from gradaudit.attacks.labels import (
     LabelMethod,
-    bias_label_counts,
-    dummy_inputs,
     labels_for_inversion,
     unknown_labels_reason,
 )
-from gradaudit.models import classifier_keys
 from gradaudit.models.fusion import FusionClassifier
 from gradaudit.types import (
     AttackResult,
@@ -555,7 +552,9 @@ class MultimodalInversionAttack(Reconstructs):
         started = time.perf_counter()
         p = self.params
         count = update.num_examples
-        labels, label_source = self._labels(obs, attacker, grads, count, rng)
+        labels, label_source = labels_for_inversion(
+            obs, attacker, count=count, method=p.label_method, rng=rng, train_mode=True
+        )
         problem, facts = self._problem(obs, attacker, grads, labels, keys)
         deadline = started + p.max_seconds if p.max_seconds else None
         search = BestSoFar(
@@ -603,30 +602,6 @@ class MultimodalInversionAttack(Reconstructs):
         )
 
     # ----------------------------------------------------------------------- set-up
-
-    def _labels(
-        self,
-        obs: Observation,
-        model: FusionClassifier,
-        grads: Mapping[str, Tensor],
-        count: int,
-        rng: torch.Generator,
-    ) -> tuple[Tensor, str]:
-        """The granted labels, iDLG's at batch 1, else counts from the head's bias gradient
-        with the mean softmax over multimodal dummy inputs."""
-        if isinstance(obs.side_info.get("labels"), Tensor) or count == 1:
-            return labels_for_inversion(
-                obs, model, count=count, method=self.params.label_method, rng=rng, train_mode=True
-            )
-        _, bias_key = classifier_keys(model)
-        if bias_key is None:
-            raise ValueError("the fusion head has no bias")
-        with torch.no_grad():
-            dummies = dummy_inputs(obs.task, 256, rng)
-            probs = torch.softmax(model(dummies), dim=1).mean(dim=0)
-        counts = bias_label_counts(grads[bias_key], probs, count)
-        labels = torch.repeat_interleave(torch.arange(counts.size), torch.as_tensor(counts))
-        return labels, "recovered (bias)"
 
     def _problem(
         self,
