@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
@@ -418,19 +419,12 @@ def swap_sweep(
         >>> swapped.tolist(), cost
         ([[3, 1, 2], [4, 5, 6]], 0.0)
     """
-    n_sent = tokens.shape[0]
     cost = math.inf
-    for n in range(n_sent):
+    for n in range(tokens.shape[0]):
         if deadline is not None and time.perf_counter() >= deadline:
             break
         pairs = torch.combinations(torch.arange(int(lengths[n])), 2)
-        candidates = tokens.expand(pairs.shape[0] + 1, *tokens.shape).clone()
-        rows = torch.arange(1, pairs.shape[0] + 1)
-        candidates[rows, n, pairs[:, 0]] = tokens[n, pairs[:, 1]]
-        candidates[rows, n, pairs[:, 1]] = tokens[n, pairs[:, 0]]
-        costs = score(candidates, lengths.expand(pairs.shape[0] + 1, n_sent))
-        best = int(torch.argmin(costs))
-        tokens, cost = candidates[best], float(costs[best])
+        tokens, cost = _best_exchange(tokens, lengths, score, (n, pairs[:, 0]), (n, pairs[:, 1]))
     return tokens, cost
 
 
@@ -455,22 +449,35 @@ def exchange_sweep(
         >>> swapped.tolist(), cost
         ([[3, 1], [4, 5]], 0.0)
     """
-    n_sent = tokens.shape[0]
     cost = math.inf
-    for n, m in torch.combinations(torch.arange(n_sent), 2).tolist():
+    for n, m in torch.combinations(torch.arange(tokens.shape[0]), 2).tolist():
         if deadline is not None and time.perf_counter() >= deadline:
             break
         pairs = torch.cartesian_prod(torch.arange(int(lengths[n])), torch.arange(int(lengths[m])))
         pairs = pairs.view(-1, 2)
         pairs = pairs[tokens[n, pairs[:, 0]] != tokens[m, pairs[:, 1]]]
-        candidates = tokens.expand(pairs.shape[0] + 1, *tokens.shape).clone()
-        rows = torch.arange(1, pairs.shape[0] + 1)
-        candidates[rows, n, pairs[:, 0]] = tokens[m, pairs[:, 1]]
-        candidates[rows, m, pairs[:, 1]] = tokens[n, pairs[:, 0]]
-        costs = score(candidates, lengths.expand(pairs.shape[0] + 1, n_sent))
-        best = int(torch.argmin(costs))
-        tokens, cost = candidates[best], float(costs[best])
+        tokens, cost = _best_exchange(tokens, lengths, score, (n, pairs[:, 0]), (m, pairs[:, 1]))
     return tokens, cost
+
+
+def _best_exchange(
+    tokens: Tensor,
+    lengths: Tensor,
+    score: Score,
+    first: tuple[int, Tensor],
+    second: tuple[int, Tensor],
+) -> tuple[Tensor, float]:
+    """The batch itself and, for each k, the batch with the token at ``(first[0],
+    first[1][k])`` and the one at ``(second[0], second[1][k])`` exchanged, scored at once; the
+    cheapest of them (ties keep the batch) and its cost."""
+    (n, a), (m, b) = first, second
+    candidates = tokens.expand(a.shape[0] + 1, *tokens.shape).clone()
+    rows = torch.arange(1, a.shape[0] + 1)
+    candidates[rows, n, a] = tokens[m, b]
+    candidates[rows, m, b] = tokens[n, a]
+    costs = score(candidates, lengths.expand(a.shape[0] + 1, tokens.shape[0]))
+    best = int(torch.argmin(costs))
+    return candidates[best], float(costs[best])
 
 
 def discrete_step(
@@ -542,6 +549,7 @@ class TokenMatcher:
 
     Attributes:
         model: the attacker's copy of the global model.
+        token_key: the parameter name of its token embedding.
         labels: the labels of the candidate sentences.
         names: the parameters compared (sent by the client), token embedding excluded.
         target: the observed gradient of each of `names`.
@@ -555,6 +563,7 @@ class TokenMatcher:
     """
 
     model: nn.Module
+    token_key: str
     labels: Tensor
     names: tuple[str, ...]
     target: tuple[Tensor, ...]
@@ -585,12 +594,13 @@ class TokenMatcher:
         rows = torch.searchsorted(self.allowed, tokens.clamp_min(0))
         return rows.clamp_max(self.allowed.numel() - 1)
 
+    @cached_property
     def _sentence_gradients(self) -> Callable[[Tensor, Tensor, Tensor], list[Tensor]]:
         """``f(rows (S, L), keep (S, L), labels (S,))``: each sentence's own gradient of its
-        cross-entropy, for every compared tensor (and the allowed token rows last), (S, ...)."""
+        cross-entropy, for every compared tensor (and the allowed token rows last), (S, ...).
+        Built once per matcher: every discrete step and sweep calls it."""
         wrapper = _Embedded(self.model)
-        token_key = _token_param(self.model)
-        params = {n: p.detach() for n, p in self.model.named_parameters() if n != token_key}
+        params = {n: p.detach() for n, p in self.model.named_parameters() if n != self.token_key}
         fixed = {f"inner.{n}": p for n, p in params.items() if n not in self.names}
         moving = {f"inner.{n}": params[n] for n in self.names}
 
@@ -630,7 +640,7 @@ class TokenMatcher:
         key = torch.cat([rows, lengths.reshape(-1, 1), labels.reshape(-1, 1)], dim=1)
         unique, inverse = torch.unique(key, dim=0, return_inverse=True)
         keep = torch.arange(width) < unique[:, width : width + 1]
-        gradients = self._sentence_gradients()
+        gradients = self._sentence_gradients
         parts = [
             gradients(
                 unique[i : i + self.chunk, :width],
@@ -658,17 +668,9 @@ class TokenMatcher:
         """Each sentence's own flattened gradient over the compared tensors (the allowed token
         rows included), (N, P), and the observed gradient flattened alike, (P,)."""
         keep = torch.arange(tokens.shape[-1]) < lengths.unsqueeze(-1)
-        grads = self._sentence_gradients()(self.rows(tokens), keep, self.labels)
+        grads = self._sentence_gradients(self.rows(tokens), keep, self.labels)
         per_sentence = torch.cat([g.flatten(1) for g in grads], dim=1)
         return per_sentence, torch.cat([t.flatten() for t in self._targets()])
-
-
-def _token_param(model: nn.Module) -> str:
-    """The parameter name of the token embedding weight of a `forward_embeddings` model."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "token_embedding" and isinstance(module, nn.Embedding):
-            return f"{name}.weight"
-    raise ValueError("the model has no token_embedding")
 
 
 # --------------------------------------------------------------------------- the attack
@@ -1073,6 +1075,7 @@ def token_matcher(
     names = tuple(n for n, _ in model.named_parameters() if n in grads and n != token_key)
     return TokenMatcher(
         model=model,
+        token_key=token_key,
         labels=labels,
         names=names,
         target=tuple(grads[n].detach() for n in names),
