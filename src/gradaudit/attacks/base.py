@@ -53,7 +53,8 @@ class Reconstructs:
     """Base of the attacks that reconstruct the target's examples (they answer no question).
 
     A subclass states its preconditions once, in `_update` (by default those of
-    :func:`checked_update`); `applicable` and the subclass's `run` both read them from there.
+    :func:`checked_update`), and those that need the architecture in `_target`; `applicable`
+    and the subclass's `run` both read them from there.
     """
 
     name: ClassVar[str]
@@ -64,9 +65,19 @@ class Reconstructs:
         """The target's update if this attack can run on `obs`, else the reason."""
         return checked_update(obs, attack=self.name)
 
-    def applicable(self, obs: Observation) -> str | None:
-        """None when the attack can run on `obs`, else the reason it cannot."""
-        return self._update(obs)[1]
+    def _target(self, obs: Observation, model: nn.Module) -> tuple[object, ...] | str:
+        """What `run` needs once the architecture is known, or the reason the attack cannot
+        run; by default the update of `_update`."""
+        update, reason = self._update(obs)
+        return (update,) if update is not None else str(reason)
+
+    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
+        """None when the attack can run on `obs` (and, when given, on `model`), else the
+        reason it cannot."""
+        if model is None:
+            return self._update(obs)[1]
+        found = self._target(obs, model)
+        return found if isinstance(found, str) else None
 
 
 class Infers(abc.ABC):

@@ -292,13 +292,14 @@ class LabelRecoveryAttack(Reconstructs):
             )
         return update, None
 
-    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
-        """Needs the target's individual update, the architecture and (with `model` given, it
-        is checked) the classifier head's part of the update."""
+    def _target(self, obs: Observation, model: nn.Module) -> tuple[ClientUpdate] | str:
+        """The update, or the reason the attack cannot run: it needs the target's individual
+        update, the architecture and the classifier head's part of the update."""
         update, reason = self._update(obs)
-        if update is None or model is None:
-            return reason
-        return withheld_head_reason(update, model)
+        if update is None:
+            return str(reason)
+        reason = withheld_head_reason(update, model)
+        return (update,) if reason is None else reason
 
     def run(
         self,
@@ -309,11 +310,10 @@ class LabelRecoveryAttack(Reconstructs):
         progress: ProgressFn | None = None,
     ) -> AttackResult:
         """Recover the label multiset of the target's update."""
-        update, reason = self._update(obs)
-        if update is not None:
-            reason = withheld_head_reason(update, model)
-        if update is None or reason is not None:
-            return not_applicable(self.name, obs, str(reason))
+        found = self._target(obs, model)
+        if isinstance(found, str):
+            return not_applicable(self.name, obs, found)
+        (update,) = found
         started = time.perf_counter()
         labels, method = recover_labels(
             obs,

@@ -864,6 +864,9 @@ class TextInversionAttack(Reconstructs):
         return checked_update(obs, attack=self.name, modality="text", limit=limit)
 
     def _target(self, obs: Observation, model: nn.Module) -> tuple[ClientUpdate, str] | str:
+        """The update and the token embedding's key, or the reason the attack cannot run: it
+        needs a text task, the target's individual update, the architecture, few enough
+        sequences, a model that takes token embeddings and labels it can use."""
         update, reason = self._update(obs)
         if update is None:
             return str(reason)
@@ -878,15 +881,6 @@ class TextInversionAttack(Reconstructs):
         if reason is not None:
             return reason
         return update, key
-
-    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
-        """Needs a text task, the target's individual update, the architecture, few enough
-        sequences and (with `model` given, it is checked) a model that takes token embeddings
-        and labels it can use."""
-        if model is None:
-            return self._update(obs)[1]
-        found = self._target(obs, model)
-        return found if isinstance(found, str) else None
 
     def run(
         self,

@@ -215,7 +215,9 @@ class TextTokensAttack(Reconstructs):
         return checked_update(obs, attack=self.name)
 
     def _target(self, obs: Observation, model: nn.Module) -> tuple[ClientUpdate, str] | str:
-        """The update and the token embedding's key, or the reason the attack cannot run."""
+        """The update and the token embedding's key, or the reason the attack cannot run: it
+        needs a text task, the target's update, the architecture and the token embedding's
+        part of the update."""
         update, reason = self._update(obs)
         if update is None:
             return str(reason)
@@ -229,14 +231,6 @@ class TextTokensAttack(Reconstructs):
         if key in update.withheld or key not in update.tensors:
             return f"the client withheld the token embedding's gradient ({key})"
         return update, key
-
-    def applicable(self, obs: Observation, model: nn.Module | None = None) -> str | None:
-        """Needs a text task, the target's update, the architecture and (with `model` given,
-        it is checked) the token embedding's part of the update."""
-        if model is None:
-            return self._update(obs)[1]
-        found = self._target(obs, model)
-        return found if isinstance(found, str) else None
 
     def run(
         self,
