@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.nn import functional
+
+from gradaudit.metrics.matching import best_pairing
 
 _TRUNCATE = 3.5
 _K1 = 0.01
@@ -141,10 +142,7 @@ def match_reconstructions(pred: Tensor, target: Tensor) -> Tensor:
     p = pred.detach().to(torch.float64).flatten(1).cpu()
     t = target.detach().to(torch.float64).flatten(1).cpu()
     cost = torch.cdist(t, p, compute_mode="donot_use_mm_for_euclid_dist").square() / p.shape[1]
-    rows, cols = linear_sum_assignment(cost.numpy())
-    perm = torch.empty(len(rows), dtype=torch.long)
-    perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
+    return best_pairing(cost.numpy())
 
 
 __all__ = ["match_reconstructions", "psnr", "ssim"]

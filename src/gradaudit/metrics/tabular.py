@@ -13,9 +13,9 @@ independently from the feature's empirical marginal and is matched the same way 
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from gradaudit.metrics.matching import best_pairing
 from gradaudit.types import TabularSchema
 
 TABLEAK_TOLERANCE = 0.319
@@ -89,10 +89,7 @@ def match_rows(
     if rec.shape != true.shape:
         raise ValueError(f"rec {tuple(rec.shape)} and true {tuple(true.shape)} differ")
     cost = row_costs(rec, true, schema, tolerance=tolerance)
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    perm = torch.empty(len(rows), dtype=torch.long)
-    perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
+    return best_pairing(cost.cpu().numpy())
 
 
 def random_baseline(

@@ -13,11 +13,10 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from gradaudit.metrics.bag import bag_metrics
+from gradaudit.metrics.matching import best_pairing
 from gradaudit.types import TextSchema
 
 BLEU_EPSILON = 0.1
@@ -201,6 +200,7 @@ def unpadded(ids: Tensor, pad_id: int) -> list[int]:
     """The ids of one sequence with every padding id dropped.
 
     Example:
+        >>> import torch
         >>> unpadded(torch.tensor([4, 0, 7, 0]), 0)
         [4, 7]
     """
@@ -226,10 +226,7 @@ def match_texts(rec: Sequence[Sequence[int]], truth: Sequence[Sequence[int]]) ->
     score = np.array(
         [[rouge_n(r, t, 1) + 1e-3 * rouge_l(r, t) for r in rec] for t in truth], dtype=np.float64
     )
-    rows, cols = linear_sum_assignment(score.reshape(len(truth), len(rec)), maximize=True)
-    perm = torch.empty(len(rows), dtype=torch.long)
-    perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
+    return best_pairing(score.reshape(len(truth), len(rec)), maximize=True)
 
 
 def score_texts(
@@ -261,6 +258,7 @@ def score_texts(
 
     Example:
         >>> schema = TextSchema(("<pad>", "<unk>", "a", "b", "c"), 3)
+        >>> import torch
         >>> metrics, perm = score_texts(torch.tensor([[4, 3, 0], [2, 3, 4]]),
         ...                             torch.tensor([[2, 3, 4], [3, 4, 0]]), schema)
         >>> perm.tolist(), metrics["rouge1"], metrics["rouge2"], metrics["token_accuracy"]
