@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from gradaudit.types import Observation, TextSchema
 
 DISCOUNT = 0.75
 """Kneser–Ney's absolute discount (Chen & Goodman's usual single value)."""
@@ -216,4 +218,29 @@ def train_ngram_model(
     )
 
 
-__all__ = ["DISCOUNT", "NGramLanguageModel", "train_ngram_model"]
+def public_prior(
+    obs: Observation, schema: TextSchema, *, order: int, weight: float
+) -> tuple[NGramLanguageModel | None, str]:
+    """The prior an attack with prior weight `weight` ranks by: an n-gram model counted from
+    the token columns (the last ``schema.max_length``) of the public data the threat model
+    grants, and a line for the report (why there is none, when there is none)."""
+    if weight == 0:
+        return None, "none: prior_weight is 0"
+    public = obs.side_info.get("public_data")
+    x = public.get("x") if isinstance(public, Mapping) else None
+    if not isinstance(x, Tensor) or x.shape[0] == 0:
+        return None, "none: the threat model grants no public data"
+    assert isinstance(public, Mapping)
+    model = train_ngram_model(
+        x[:, x.shape[1] - schema.max_length :],
+        schema.vocab_size,
+        pad_id=schema.pad_id,
+        order=order,
+    )
+    return model, (
+        f"{model.order}-gram Kneser-Ney model of {model.sequences} public sequences "
+        f"({model.tokens} tokens; {public.get('source', 'public data')})"
+    )
+
+
+__all__ = ["DISCOUNT", "NGramLanguageModel", "public_prior", "train_ngram_model"]

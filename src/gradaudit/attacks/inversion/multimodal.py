@@ -61,7 +61,7 @@ from gradaudit.attacks.base import (
 from gradaudit.attacks.inversion.codes import code_signal_keys, code_signals, present_codes
 from gradaudit.attacks.inversion.consistency import plausible_bounds
 from gradaudit.attacks.inversion.embedding import looked_up_rows
-from gradaudit.attacks.inversion.language import NGramLanguageModel, train_ngram_model
+from gradaudit.attacks.inversion.language import NGramLanguageModel, public_prior
 from gradaudit.attacks.inversion.search import BestSoFar, Clock, schedule_factor, set_learning_rates
 from gradaudit.attacks.inversion.tabular import (
     Relaxation,
@@ -567,7 +567,7 @@ class MultimodalInversionAttack(Reconstructs):
         start, facts["note"]["init"] = self._start(problem, grads, keys)
         rows, tokens, relaxed = self._continuous(problem, start, rng, search, deadline)
         continuous_seconds = time.perf_counter() - started
-        prior, prior_note = self._prior(obs, problem)
+        prior, prior_note = public_prior(obs, problem.text, order=p.lm_order, weight=p.prior_weight)
         rows, tokens, lengths, cost, polish = self._polish(
             problem, rows, tokens, prior, rng, started, deadline
         )
@@ -667,25 +667,6 @@ class MultimodalInversionAttack(Reconstructs):
             },
         }
         return problem, facts
-
-    def _prior(
-        self, obs: Observation, problem: JointProblem
-    ) -> tuple[NGramLanguageModel | None, str | None]:
-        """LAMP's language prior: an n-gram model of the granted public notes, if any."""
-        public = obs.side_info.get("public_data")
-        if self.params.prior_weight == 0 or not isinstance(public, Mapping):
-            return None, None
-        x = public.get("x")
-        if not isinstance(x, Tensor) or x.shape[0] == 0:
-            return None, None
-        notes = x[:, problem.tabular.num_features :]
-        model = train_ngram_model(
-            notes, problem.text.vocab_size, pad_id=problem.text.pad_id, order=self.params.lm_order
-        )
-        return model, (
-            f"{self.params.lm_order}-gram Kneser-Ney model of {model.sequences} public notes, "
-            f"weight {self.params.prior_weight}"
-        )
 
     # ----------------------------------------------------------------------- the search
 

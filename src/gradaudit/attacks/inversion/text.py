@@ -43,7 +43,7 @@ from gradaudit.attacks.base import (
     not_applicable,
 )
 from gradaudit.attacks.inversion.embedding import looked_up_rows
-from gradaudit.attacks.inversion.language import NGramLanguageModel, train_ngram_model
+from gradaudit.attacks.inversion.language import NGramLanguageModel, public_prior
 from gradaudit.attacks.inversion.search import BestSoFar, Clock
 from gradaudit.attacks.inversion.tokens import (
     position_assignment,
@@ -917,7 +917,7 @@ class TextInversionAttack(Reconstructs):
                 reason="the token-embedding gradient shows no token",
                 seconds=time.perf_counter() - started,
             )
-        prior = self._prior(obs, schema, details)
+        prior, details["prior"] = public_prior(obs, schema, order=p.lm_order, weight=p.prior_weight)
         attacker = attacker_model(model, obs)
         matcher = token_matcher(
             attacker,
@@ -1000,30 +1000,6 @@ class TextInversionAttack(Reconstructs):
             details["length_source"] = "the maximum length (no position-embedding gradient)"
         details["longest_sequence"] = length
         return allowed, length, position_key
-
-    def _prior(
-        self, obs: Observation, schema: TextSchema, details: dict[str, object]
-    ) -> NGramLanguageModel | None:
-        """The n-gram prior counted from the granted public sequences, or None."""
-        public = obs.side_info.get("public_data")
-        if self.params.prior_weight == 0:
-            details["prior"] = "none: prior_weight is 0"
-            return None
-        if not isinstance(public, dict) or not isinstance(public.get("x"), Tensor):
-            details["prior"] = "none: the threat model grants no public data"
-            return None
-        x = public["x"]
-        prior = train_ngram_model(
-            x[:, x.shape[1] - schema.max_length :],
-            schema.vocab_size,
-            pad_id=schema.pad_id,
-            order=self.params.lm_order,
-        )
-        details["prior"] = (
-            f"{prior.order}-gram Kneser-Ney model of {prior.sequences} public sequences "
-            f"({prior.tokens} tokens; {public.get('source', 'public data')})"
-        )
-        return prior
 
     def _initial(
         self,
